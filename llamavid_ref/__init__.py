@@ -1,0 +1,1 @@
+"""PyTorch reference of LLaMA-VID: loads the released checkpoints and matches their numerics."""

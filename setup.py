@@ -1,0 +1,29 @@
+"""llamavid-deploy: LLaMA-VID from a PyTorch checkpoint to fast inference.
+
+Runtime dependencies are pinned so a fresh machine installs in minutes. Install exactly one of
+onnxruntime (CPU, the default here) or onnxruntime-gpu: both write the same folder.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch==2.13.0",          # local CPU build on these machines; a bare "torch" pulls a CUDA build
+    "numpy>=2.0,<3",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "sentencepiece==0.2.3",
+    "av==18.1.0",
+    "pillow==13.0.0",
+]
+EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"]
+TEST = ["pytest==9.0.3", "transformers==5.23.0"]
+
+setup(
+    name="llamavid-deploy",
+    version="0.1.0",
+    description="LLaMA-VID reference, export, kernels and runtime for edge and data-centre inference",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
+    include_package_data=True,
+    install_requires=CORE + EXPORT,
+    extras_require={"test": TEST},
+)
