@@ -1,0 +1,190 @@
+"""Model configuration: nested dataclasses, named presets, and the released config.json reader.
+
+    LlamaVidConfig
+      vision   VisionConfig    EVA-ViT-g (released) or a small ViT of the same structure
+      qformer  QFormerConfig   instruction-aware Q-Former (InstructBLIP style)
+      head     HeadConfig      context attention + content pooling + projectors
+      llm      LLMConfig       LLaMA
+
+Sizes the released config.json does not state (vision and Q-Former widths, depths, vocab) are
+filled in by checkpoint.py from the tensor shapes; head counts default to the released values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN_INDEX = -200          # the <image> placeholder id after tokenization
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _from_dict(cls, d: dict):
+    """Build dataclass `cls` from `d`, ignoring unknown keys (so hub files load as they are)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39                 # blocks built; the released file has 40 (penultimate output)
+    heads: int = 16
+    mlp_dim: int = 6144             # int(1408 * 4.3637)
+    eps: float = 1e-6
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:   # N (CLS not counted)
+        return self.grid ** 2
+
+
+@dataclass
+class QFormerConfig:
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn: int = 3072
+    vocab_size: int = 30523         # bert-base-uncased 30522 + [DEC]
+    max_positions: int = 512
+    eps: float = 1e-12
+    cross_attention_freq: int = 2   # cross-attention in layers 0, 2, 4, ...
+    num_query: int = 32
+    max_text_len: int = 256         # tokenizer truncation (from the left)
+
+
+@dataclass
+class HeadConfig:
+    compress_type: str | None = "mean"    # None (all N patches) | "mean" | "grid:k"
+    projector_type: str = "mlp2x_gelu"    # "linear" | "mlpNx_gelu"
+    ln_eps: float = 1e-5                  # vlm_att_ln
+
+    def content_tokens(self, num_patches: int) -> int:
+        """n, the number of content tokens per frame."""
+        if self.compress_type is None:
+            return num_patches
+        if self.compress_type == "mean":
+            return 1
+        if self.compress_type.startswith("grid:"):
+            return int(self.compress_type.split(":")[1]) ** 2
+        raise ValueError(f"compress_type: expected None, 'mean' or 'grid:k', found {self.compress_type!r}")
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000
+    hidden: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 32
+    ffn: int = 11008
+    eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0       # linear RoPE scaling factor (16 for the long-video model)
+    max_positions: int = 4096
+    tie_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass
+class LlamaVidConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_aspect_ratio: str = "pad"     # images padded to square with the mean colour; video frames not
+    template: str = "vicuna_v1"
+    max_token: int = 2048               # the context the model was trained for
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return 1 + self.head.content_tokens(self.vision.num_patches)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaVidConfig":
+        """Inverse of to_dict (the project format); unknown keys are ignored."""
+        parts = {"vision": VisionConfig, "qformer": QFormerConfig, "head": HeadConfig, "llm": LLMConfig}
+        top = _from_dict(cls, {k: v for k, v in d.items() if k not in parts})
+        for name, sub in parts.items():
+            setattr(top, name, _from_dict(sub, d.get(name, {})))
+        top.image_mean, top.image_std = tuple(top.image_mean), tuple(top.image_std)
+        return top
+
+    @classmethod
+    def from_released(cls, hf: dict) -> "LlamaVidConfig":
+        """Read a released LLaMA-VID config.json. `model_type` ("llava") is deliberately not used."""
+        size = 336 if "336" in str(hf.get("image_processor", "")) else 224
+        scaling = hf.get("rope_scaling") or {}
+        if scaling and scaling.get("type", "linear") != "linear":
+            raise ValueError(f"rope_scaling: expected type 'linear', found {scaling!r}")
+        heads = hf.get("num_attention_heads", 32)
+        llm = LLMConfig(
+            vocab_size=hf.get("vocab_size", 32000), hidden=hf.get("hidden_size", 4096),
+            layers=hf.get("num_hidden_layers", 32), heads=heads,
+            kv_heads=hf.get("num_key_value_heads") or heads, ffn=hf.get("intermediate_size", 11008),
+            eps=hf.get("rms_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 10000.0),
+            rope_scaling=float(scaling.get("factor", 1.0)) if scaling else 1.0,
+            max_positions=hf.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_id=hf.get("bos_token_id", 1), eos_id=hf.get("eos_token_id", 2),
+            pad_id=hf.get("pad_token_id") or 0,
+        )
+        return cls(
+            vision=VisionConfig(image_size=size, width=hf.get("mm_hidden_size", 1408)),
+            qformer=QFormerConfig(num_query=hf.get("num_query", 32)),
+            head=HeadConfig(compress_type=hf.get("compress_type"),
+                            projector_type=hf.get("mm_projector_type", "mlp2x_gelu")),
+            llm=llm,
+            image_aspect_ratio=hf.get("image_aspect_ratio", "pad"),
+            max_token=hf.get("max_token", 2048),
+        )
+
+
+def _released(size: int, compress: str | None, llm: LLMConfig, max_token: int) -> LlamaVidConfig:
+    return LlamaVidConfig(vision=VisionConfig(image_size=size), head=HeadConfig(compress_type=compress),
+                          llm=llm, max_token=max_token)
+
+
+_LLM_7B = LLMConfig()
+_LLM_13B = LLMConfig(hidden=5120, layers=40, heads=40, kv_heads=40, ffn=13824)
+_LLM_7B_LONG = dataclasses.replace(_LLM_7B, rope_scaling=16.0, max_positions=65536)
+
+PRESETS = {
+    "llama-vid-7b-full-224-video-fps-1": lambda: _released(224, "mean", _LLM_7B, 2048),
+    "llama-vid-7b-full-336": lambda: _released(336, None, _LLM_7B, 4096),
+    "llama-vid-7b-full-224-long-video": lambda: _released(224, "mean", _LLM_7B_LONG, 65536),
+    "llama-vid-13b-full-224-video-fps-1": lambda: _released(224, "mean", _LLM_13B, 2048),
+    "llama-vid-13b-full-336": lambda: _released(336, None, _LLM_13B, 4096),
+    # Tiny: the real structure at toy sizes, for tests.
+    "tiny": lambda: LlamaVidConfig(
+        vision=VisionConfig(image_size=28, patch_size=7, width=32, depth=2, heads=4, mlp_dim=64),
+        qformer=QFormerConfig(hidden=24, layers=2, heads=3, ffn=48, vocab_size=64, max_positions=32,
+                              num_query=4, max_text_len=16),
+        head=HeadConfig(compress_type="mean"),
+        llm=LLMConfig(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, max_positions=512),
+        max_token=512,
+    ),
+}
+
+
+def from_name(name: str) -> LlamaVidConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,202 @@
+"""LLaMA-VID assembly: vision -> head -> LLM, prompt assembly, generation, chat, long video.
+
+    video [T,3,S,S] --vision--> [T,N+1,Cv] --head(Q-Former prompt)--> [T,n+1,H] --flatten--> [T*(n+1),H]
+    input_ids  [bos, ..., -200, ..., ]  each -200 placeholder is replaced by ALL visual tokens of its
+                                        image or video (frame-major: ctx0, cont0, ctx1, cont1, ...)
+    -> inputs_embeds [1,T',H] --llm--> logits
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import IMAGE_TOKEN_INDEX, LlamaVidConfig
+from .head import DualTokenHead
+from .llm import LlamaLM
+from .preprocess import preprocess, preprocess_video
+from .templates import Conversation, question_prompt
+from .vision import EvaViT
+
+FRAME_CHUNK = 64          # frames per vision/head call, as the release chunks its Q-Former
+LONG_VIDEO_INTRO = "Below is a movie. Memorize the content and answer my question after watching this movie."
+LONG_VIDEO_OUTRO = "Now the movie end.\n"
+
+
+class LlamaVid(nn.Module):
+    def __init__(self, cfg: LlamaVidConfig, tokenizer=None, qformer_tokenizer=None):
+        super().__init__()
+        self.config = cfg
+        self.vision = EvaViT(cfg.vision)
+        self.head = DualTokenHead(cfg.head, cfg.qformer, cfg.vision.width, cfg.llm.hidden)
+        self.llm = LlamaLM(cfg.llm)
+        self.tokenizer = tokenizer                    # LLMTokenizer
+        self.qformer_tokenizer = qformer_tokenizer    # QFormerTokenizer
+
+    # ---- visual tokens -------------------------------------------------------------------------
+    def encode_frames(self, pixel_values, qformer_input_ids, qformer_attention_mask=None):
+        """pixel_values [F,3,S,S]; Q-Former ids/mask [F,L] (one row per frame) or [1,L] -> [F,n+1,H]."""
+        Fr = pixel_values.shape[0]
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        if qformer_input_ids.shape[0] == 1:
+            qformer_input_ids = qformer_input_ids.expand(Fr, -1)
+            qformer_attention_mask = qformer_attention_mask.expand(Fr, -1)
+        if qformer_input_ids.shape[0] != Fr:
+            raise ValueError(f"encode_frames: expected Q-Former ids [1,L] or [{Fr},L], found {list(qformer_input_ids.shape)}")
+        out = [self.head(self.vision(pixel_values[i:i + FRAME_CHUNK]),
+                         qformer_input_ids[i:i + FRAME_CHUNK], qformer_attention_mask[i:i + FRAME_CHUNK])
+               for i in range(0, Fr, FRAME_CHUNK)]
+        return torch.cat(out)
+
+    def encode_media(self, media: torch.Tensor, prompt: str) -> torch.Tensor:
+        """One image [3,S,S] or video [T,3,S,S] + its Q-Former prompt -> visual tokens [T*(n+1),H]."""
+        if self.qformer_tokenizer is None:
+            raise RuntimeError("encode_media needs the Q-Former tokenizer: load the model with llamavid_ref.load")
+        frames = media[None] if media.dim() == 3 else media
+        ids, mask = self.qformer_tokenizer([prompt])
+        return self.encode_frames(frames, ids, mask).flatten(0, 1)
+
+    # ---- prompt assembly -----------------------------------------------------------------------
+    def embed(self, input_ids, images=None, prompts=None, attention_mask=None):
+        """input_ids [B,T] with -200 placeholders -> (inputs_embeds [B,T',H], attention_mask [B,T']).
+        Placeholders take images[k] / prompts[k] in order, row by row; rows are right-padded."""
+        images, prompts = list(images or []), list(prompts or [])
+        n_ph = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+        if not (n_ph == len(images) == len(prompts)):
+            raise ValueError(f"prompt assembly: expected one image and one Q-Former prompt per <image> "
+                             f"placeholder; found {n_ph} placeholders, {len(images)} images, {len(prompts)} prompts")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        emb = self.llm.embed_tokens
+        rows, k = [], 0
+        for ids in (row[m.bool()] for row, m in zip(input_ids, attention_mask)):
+            pieces, start = [], 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+                pieces += [emb(ids[start:pos]), self.encode_media(images[k], prompts[k])]
+                start, k = pos + 1, k + 1
+            pieces.append(emb(ids[start:]))
+            rows.append(torch.cat(pieces))
+        T = max(r.shape[0] for r in rows)
+        H = self.config.llm.hidden
+        embeds = torch.zeros(len(rows), T, H, dtype=rows[0].dtype)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            embeds[i, :r.shape[0]], mask[i, :r.shape[0]] = r, 1
+        return embeds, mask
+
+    def forward(self, input_ids, images=None, prompts=None, attention_mask=None):
+        """Logits [B,T',V] over the assembled sequence, like the release's forward."""
+        embeds, mask = self.embed(input_ids, images, prompts, attention_mask)
+        return self.llm(embeds, mask)[0]
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, prompts=None, max_new_tokens=512, do_sample=False,
+                 temperature=0.2, top_p=0.7, seed=0, attention_mask=None):
+        """New token ids [B,K] (rows ending early padded with pad_id); greedy or seeded top-p sampling."""
+        embeds, mask = self.embed(input_ids, images, prompts, attention_mask)
+        rng = torch.Generator().manual_seed(seed)
+        outs = [self._generate_row(e[m.bool()][None], max_new_tokens, do_sample, temperature, top_p, rng)
+                for e, m in zip(embeds, mask)]
+        K = max(len(o) for o in outs)
+        result = torch.full((len(outs), K), self.config.llm.pad_id, dtype=torch.long)
+        for i, o in enumerate(outs):
+            result[i, :len(o)] = torch.tensor(o, dtype=torch.long)
+        return result
+
+    def _generate_row(self, embeds, max_new_tokens, do_sample, temperature, top_p, rng) -> list[int]:
+        limit = self.config.llm.max_positions
+        T = embeds.shape[1]
+        if T >= limit:
+            raise ValueError(f"prompt too long: {T} tokens (text + visual) do not fit the LLM context of "
+                             f"{limit} positions; use fewer frames or a shorter question")
+        logits, past = self.llm(embeds)
+        out: list[int] = []
+        for _ in range(min(max_new_tokens, limit - T)):
+            token = sample_next(logits[0, -1], do_sample, temperature, top_p, rng)
+            out.append(token)
+            if token == self.config.llm.eos_id:
+                break
+            nxt = self.llm.embed_tokens(torch.tensor([[token]]))
+            logits, past = self.llm(nxt, past=past)
+        return out
+
+    # ---- text in, text out ---------------------------------------------------------------------
+    def load_media(self, media) -> torch.Tensor:
+        """A video path, image path, PIL image, uint8 array ([H,W,3] image or [T,H,W,3] video) or a
+        ready tensor -> pixel values ([3,S,S] image or [T,3,S,S] video)."""
+        S = self.config.vision.image_size
+        mean, std = self.config.image_mean, self.config.image_std
+        pad = self.config.image_aspect_ratio == "pad"
+        if isinstance(media, torch.Tensor):
+            return media
+        if isinstance(media, (str, Path)):
+            from PIL import Image, UnidentifiedImageError
+            try:
+                return preprocess(Image.open(media), S, pad, mean, std)
+            except (UnidentifiedImageError, IsADirectoryError):
+                from .video import load_video
+                return preprocess_video(load_video(media).frames, S, mean, std)
+        if isinstance(media, np.ndarray) and media.ndim == 4:
+            return preprocess_video(media, S, mean, std)
+        return preprocess(media, S, pad, mean, std)
+
+    def ask(self, media, question: str, max_new_tokens=512, **sampling) -> str:
+        """One question about one image or video (path, array, PIL image or pixel tensor)."""
+        ids = torch.tensor([self.tokenizer.encode_prompt(question_prompt(question, self.config.template))])
+        new = self.generate(ids, [self.load_media(media)], [question], max_new_tokens=max_new_tokens, **sampling)
+        return self.decode(new[0])
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.config.llm.eos_id in ids:
+            ids = ids[:ids.index(self.config.llm.eos_id)]
+        return self.tokenizer.decode(ids).strip()
+
+    def long_video_inputs(self, frames: torch.Tensor, question: str, subtitles=None):
+        """Long-video mode: every frame is its own <image> (Q-Former prompt = the question) followed
+        by its subtitle text. frames [T,3,S,S] -> (input_ids [1,L], images, prompts)."""
+        subtitles = list(subtitles) if subtitles is not None else [""] * len(frames)
+        if len(subtitles) != len(frames):
+            raise ValueError(f"long video: expected one subtitle per frame ({len(frames)}), found {len(subtitles)}")
+        body = "".join("<image>" + s for s in subtitles)
+        user = f"{LONG_VIDEO_INTRO}\n{body}\n{LONG_VIDEO_OUTRO}{question}"
+        prompt = Conversation.new(self.config.template).add_user(user).add_assistant(None).prompt()
+        ids = torch.tensor([self.tokenizer.encode_prompt(prompt)])
+        return ids, [f[None] for f in frames], [question] * len(frames)
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, rng) -> int:
+    """logits [V] -> token id: argmax, or temperature + nucleus (top-p) sampling from a seeded generator."""
+    if not do_sample or temperature <= 0:
+        return int(logits.argmax())
+    probs = (logits.float() / temperature).softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p          # always keeps the most likely token
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=rng)
+    return int(order[choice])
+
+
+class Chat:
+    """Multi-turn chat about one image or video. Each turn re-encodes the media with the newest
+    question as the Q-Former prompt (the context token follows the question being asked)."""
+
+    def __init__(self, model: LlamaVid, media=None):
+        self.model = model
+        self.media = model.load_media(media) if media is not None else None
+        self.conv = Conversation.new(model.config.template)
+
+    def ask(self, question: str, max_new_tokens=512, **sampling) -> str:
+        first = not self.conv.messages
+        self.conv.add_user(("<image>\n" + question) if (first and self.media is not None) else question)
+        self.conv.add_assistant(None)
+        ids = torch.tensor([self.model.tokenizer.encode_prompt(self.conv.prompt())])
+        media = [self.media] if self.media is not None else []
+        new = self.model.generate(ids, media, [question] * len(media), max_new_tokens=max_new_tokens, **sampling)
+        answer = self.model.decode(new[0])
+        self.conv.messages[-1] = (self.conv.template.roles[1], answer)
+        return answer
