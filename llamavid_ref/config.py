@@ -12,6 +12,7 @@ filled in by checkpoint.py from the tensor shapes; head counts default to the re
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -130,7 +131,8 @@ class LlamaVidConfig:
     @classmethod
     def from_released(cls, hf: dict) -> "LlamaVidConfig":
         """Read a released LLaMA-VID config.json. `model_type` ("llava") is deliberately not used."""
-        size = 336 if "336" in str(hf.get("image_processor", "")) else 224
+        m = re.search(r"(\d+)/?$", str(hf.get("image_processor", "")))     # ".../clip-patch14-336"
+        size = int(m.group(1)) if m else 224
         scaling = hf.get("rope_scaling") or {}
         if scaling and scaling.get("type", "linear") != "linear":
             raise ValueError(f"rope_scaling: expected type 'linear', found {scaling!r}")
@@ -176,7 +178,7 @@ PRESETS = {
     "tiny": lambda: LlamaVidConfig(
         vision=VisionConfig(image_size=28, patch_size=7, width=32, depth=2, heads=4, mlp_dim=64),
         qformer=QFormerConfig(hidden=24, layers=2, heads=3, ffn=48, vocab_size=64, max_positions=32,
-                              num_query=4, max_text_len=16),
+                              num_query=4),
         head=HeadConfig(compress_type="mean"),
         llm=LLMConfig(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, max_positions=512),
         max_token=512,
