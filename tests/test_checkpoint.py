@@ -11,7 +11,7 @@ import llamavid_ref
 from llamavid_ref import CheckpointError
 from llamavid_ref.config import VisionConfig, from_name
 from llamavid_ref.convert import main as convert_main
-from tiny import tiny_model, write_released
+from llamavid_ref.tiny import tiny_model, write_released
 
 
 def load(path, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamavid_ref.checkpoint import released_state_dict
-from tiny import tiny_model
+from llamavid_ref.tiny import tiny_model
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-5

@@ -10,7 +10,7 @@ from llamavid_ref.config import HeadConfig, VisionConfig, from_name
 from llamavid_ref.head import context_attention, pool_content
 from llamavid_ref.model import LlamaVid
 from llamavid_ref.vision import EvaViT, interpolate_pos_embed
-from tiny import random_init
+from llamavid_ref.tiny import random_init
 
 RTOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""Tiny LLaMA-VID models built by code for tests: random weights, toy tokenizers, and a writer of
+"""Tiny LLaMA-VID models built by code (tests, demos): random weights, toy tokenizers, and a writer of
 the released checkpoint layout (config.json + 2 sharded .bin + index + separate LAVIS EVA .pth)."""
 from __future__ import annotations
 
