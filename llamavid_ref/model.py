@@ -51,13 +51,17 @@ class LlamaVid(nn.Module):
                for i in range(0, Fr, FRAME_CHUNK)]
         return torch.cat(out)
 
-    def encode_media(self, media: torch.Tensor, prompt: str) -> torch.Tensor:
-        """One image [3,S,S] or video [T,3,S,S] + its Q-Former prompt -> visual tokens [T*(n+1),H]."""
+    def visual_tokens(self, images, prompts) -> list[torch.Tensor]:
+        """Images [3,S,S] / videos [T,3,S,S] with one Q-Former prompt each -> one [T*(n+1),H] block
+        each (frame-major), all frames encoded in one batched call."""
         if self.qformer_tokenizer is None:
-            raise RuntimeError("encode_media needs the Q-Former tokenizer: load the model with llamavid_ref.load")
-        frames = media[None] if media.dim() == 3 else media
-        ids, mask = self.qformer_tokenizer([prompt])
-        return self.encode_frames(frames, ids, mask).flatten(0, 1)
+            raise RuntimeError("visual_tokens needs the Q-Former tokenizer: load the model with llamavid_ref.load")
+        frames = [m[None] if m.dim() == 3 else m for m in images]
+        counts = torch.tensor([f.shape[0] for f in frames])
+        ids, mask = self.qformer_tokenizer(list(prompts))                                # [K,L]
+        tokens = self.encode_frames(torch.cat(frames), ids.repeat_interleave(counts, 0),
+                                    mask.repeat_interleave(counts, 0))                    # [sum T,n+1,H]
+        return [t.flatten(0, 1) for t in tokens.split(counts.tolist())]
 
     # ---- prompt assembly -----------------------------------------------------------------------
     def embed(self, input_ids, images=None, prompts=None, attention_mask=None):
@@ -71,11 +75,12 @@ class LlamaVid(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         emb = self.llm.embed_tokens
+        visual = self.visual_tokens(images, prompts) if images else []
         rows, k = [], 0
         for ids in (row[m.bool()] for row, m in zip(input_ids, attention_mask)):
             pieces, start = [], 0
             for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
-                pieces += [emb(ids[start:pos]), self.encode_media(images[k], prompts[k])]
+                pieces += [emb(ids[start:pos]), visual[k]]
                 start, k = pos + 1, k + 1
             pieces.append(emb(ids[start:]))
             rows.append(torch.cat(pieces))

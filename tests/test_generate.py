@@ -32,7 +32,8 @@ def test_assembly_replaces_each_placeholder_with_all_tokens_frame_major(model):
         E = model.llm.embed_tokens.weight
     expected = torch.cat([E[[1, 5]], vt[0], vt[1], vt[2], E[[6, 7]], it[0], E[[8]]])
     assert embeds.shape == (1, 2 + 6 + 2 + 2 + 1, 32) and mask.sum() == 13
-    torch.testing.assert_close(embeds[0], expected, rtol=1e-6, atol=0)
+    # prompts are batched (padded to the longest), so the Q-Former matmuls differ in shape: fp32 rounding
+    torch.testing.assert_close(embeds[0], expected, rtol=1e-5, atol=1e-6)
     # context token first within each frame: it differs from the content token
     assert not torch.allclose(vt[:, 0], vt[:, 1])
 
