@@ -1,0 +1,256 @@
+"""python -m export.build: checkpoint -> artifacts/<model-name>/ (ONNX stages + manifest.json).
+
+    load(checkpoint) -> [tokenizers] -> [vision] -> [head] -> [llm] -> manifest.json (written last)
+    each stage: build key = sha256(checkpoint files, options, exporter sources, versions);
+                unchanged key + intact files -> skipped; else written in .staging/ and moved in place.
+
+What "precision" means per backend (the manifest records it per variant; the table printed at the
+end says what runs here):
+    fp32  every stage fp32 on ort-cpu and ort-cuda
+    fp16  fp16 graphs for ort-cuda (and the TensorRT head graph); ORT's CPU provider runs fp16 graphs
+          as fp32 behind Casts (no speed-up, shared/FACTS.md section 7), so ort-cpu keeps the fp32 graphs
+    int8  ORT dynamic quantisation (int8 per-channel weights, u8 activations) for ort-cpu; ort-cuda
+          keeps fp32 (ORT's dynamic-quantisation ops are CPU kernels)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from . import common
+from .head import PLUGIN, export_head
+from .llm import export_llm, save_embeddings
+from .manifest import (FORMAT, MANIFEST_VERSION, hash_files, prompt_section, sha256, stage_io,
+                       write_manifest)
+from .vision import export_vision
+
+PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
+HEAD_FORM = "folded"      # measured faster than "keys" at the released shapes (docs/BENCHMARKS.md)
+STATE = ".build"          # per-stage build records
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on; nothing of the failing stage is left in the output directory."""
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def versions() -> dict:
+    def v(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return {"package": v("llamavid-deploy") or "0.1.0", "onnx": v("onnx"), "onnxruntime": v("onnxruntime"),
+            "torch": v("torch")}
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def build_key(ckpt_root: Path, options: dict) -> str:
+    h = hashlib.sha256()
+    for p in checkpoint_files(ckpt_root):
+        h.update(f"{p.relative_to(ckpt_root)}:{sha256(p)}\n".encode())
+    for p in sorted(Path(__file__).parent.glob("*.py")):          # the exporters themselves
+        h.update(p.read_bytes())
+    h.update(json.dumps([options, versions()], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def llm_form(cfg) -> str:
+    """GroupQueryAttention needs head_dim % 16 == 0; other sizes get the plain export."""
+    return "fused" if cfg.llm.head_dim % 16 == 0 else "plain"
+
+
+# ---- stages: each writes files into `d` and returns its manifest variants --------------------------
+def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: Path, extra=()) -> list[dict]:
+    """fp32 file -> the variants the precision asks for (see the module docstring)."""
+    extra = list(extra)
+    fp32 = [{"file": fp32_file, "precision": "fp32", "backend": b, "extra_files": extra} for b in ("ort-cpu", "ort-cuda")]
+    if precision == "fp32":
+        return fp32
+    if precision == "fp16":
+        f = f"{stem}.fp16.onnx"
+        common.to_fp16(convert_src, d / f)
+        return [{**fp32[0], "note": "fp16 requested: ORT's CPU provider would run fp16 as fp32 behind Casts"},
+                {"file": f, "precision": "fp16", "backend": "ort-cuda", "extra_files": extra}]
+    f = f"{stem}.int8.onnx"
+    common.to_int8(convert_src, d / f)
+    return [{"file": f, "precision": "int8", "backend": "ort-cpu", "extra_files": extra,
+             "note": "ORT dynamic quantisation, per-channel int8 weights"}, fp32[1]]
+
+
+def stage_vision(model, d: Path, precision: str) -> list[dict]:
+    export_vision(model, d / "vision.onnx")
+    return _variants("vision", "vision.onnx", d, precision, d / "vision.onnx")
+
+
+def stage_head(model, d: Path, precision: str) -> list[dict]:
+    export_head(model, d / "head.onnx", HEAD_FORM)
+    export_head(model, d / "head_trt.onnx", "plugin")
+    out = _variants("head", "head.onnx", d, precision, d / "head.onnx")
+    for v in out:
+        v["form"] = HEAD_FORM
+    trt = {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "form": "plugin",
+           "plugin": {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"],
+                      "scale": model.config.vision.width ** -0.5},
+           "note": "engine built by export/trt.py where TensorRT exists"}
+    return out + [trt]
+
+
+def stage_llm(model, d: Path, precision: str) -> list[dict]:
+    (d / "llm").mkdir(parents=True, exist_ok=True)
+    form = llm_form(model.config)
+    export_llm(model, d / "llm/decoder.onnx", form)
+    save_embeddings(model, d / "llm/embed_tokens.npy")
+    out = _variants("llm/decoder", "llm/decoder.onnx", d, precision, d / "llm/decoder.onnx",
+                    extra=["llm/embed_tokens.npy"])
+    for v in out:
+        v["form"] = form
+    return out
+
+
+def stage_tokenizers(model, d: Path, precision: str) -> list[dict]:
+    (d / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model.tokenizer.path, d / "tokenizer" / model.tokenizer.path.name)
+    shutil.copyfile(model.qformer_tokenizer.vocab_file, d / "tokenizer/qformer_vocab.txt")
+    return []
+
+
+STEPS = [("tokenizers", stage_tokenizers), ("vision", stage_vision), ("head", stage_head), ("llm", stage_llm)]
+
+
+# ---- the build ------------------------------------------------------------------------------------
+def resolve_target(target: str) -> str:
+    if target not in TARGETS:
+        raise BuildError(f"--target: expected one of {TARGETS}, found {target!r}")
+    if target == "tensorrt" and not tensorrt_available():
+        raise BuildError("--target tensorrt: expected the TensorRT Python package (import tensorrt), found none "
+                         "on this machine; nothing was written. Build with --target ort here, or run on a "
+                         "machine with TensorRT")
+    if target == "auto":
+        return "tensorrt" if tensorrt_available() else "ort"
+    return target
+
+
+def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "auto", log=print) -> Path:
+    import llamavid_ref
+    from llamavid_ref.checkpoint import DEFAULT_MODEL_DIR
+    if precision not in PRECISIONS:
+        raise BuildError(f"--precision: expected one of {PRECISIONS}, found {precision!r}")
+    resolved = resolve_target(target)
+    ckpt_root = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL_DIR
+    name = ckpt_root.resolve().name if checkpoint is not None else "llamavid-default"
+    out = Path(out) if out is not None else Path("artifacts") / name
+    log(f"[build] loading {ckpt_root}")
+    model = llamavid_ref.load(checkpoint)
+    key = build_key(ckpt_root, {"precision": precision, "target": resolved})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE).mkdir(exist_ok=True)
+    variants, files = {}, {}
+    for i, (stage, fn) in enumerate(STEPS, 1):
+        record = out / STATE / f"{stage}.json"
+        prev = json.loads(record.read_text()) if record.is_file() else None
+        if prev and prev["key"] == key and _intact(out, prev["files"]):
+            log(f"[build] {i}/{len(STEPS)} {stage}: unchanged, skipped")
+        else:
+            log(f"[build] {i}/{len(STEPS)} {stage}: exporting ...")
+            staging = out / ".staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            try:
+                stage_variants = fn(model, staging, precision)
+            except Exception:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            names = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()]
+            for n in names:
+                (out / n).parent.mkdir(parents=True, exist_ok=True)
+                (staging / n).replace(out / n)
+            shutil.rmtree(staging)
+            prev = {"key": key, "files": hash_files(out, names), "variants": stage_variants}
+            record.write_text(json.dumps(prev, indent=1))
+            log(f"[build] {i}/{len(STEPS)} {stage}: wrote {', '.join(sorted(names))}")
+        files.update(prev["files"])
+        if stage in ("vision", "head", "llm"):
+            variants[stage] = prev["variants"]
+    manifest = make_manifest(model, name, precision, target, resolved, key, variants, files)
+    write_manifest(out, manifest)
+    log(f"[build] wrote {out / 'manifest.json'}")
+    log(plan_table(manifest))
+    return out
+
+
+def _intact(out: Path, files: dict) -> bool:
+    return all((out / n).is_file() and sha256(out / n) == h for n, h in files.items())
+
+
+def make_manifest(model, name, precision, target, resolved, key, variants, files) -> dict:
+    cfg = model.config
+    form = llm_form(cfg)
+    io = stage_io(cfg, "shared" if form == "fused" else "concat")
+    tok = "tokenizer/" + model.tokenizer.path.name
+    return {
+        "format": FORMAT, "manifest_version": MANIFEST_VERSION,
+        "model": {"name": name, "config": cfg.to_dict(), "tokens_per_frame": cfg.tokens_per_frame,
+                  "vision_width": cfg.vision.width, "llm_hidden": cfg.llm.hidden},
+        "preprocess": {"image_size": cfg.vision.image_size, "mean": list(cfg.image_mean),
+                       "std": list(cfg.image_std), "image_aspect_ratio": cfg.image_aspect_ratio, "video_fps": 1.0},
+        "prompt": prompt_section(cfg),
+        "special_ids": {"bos": cfg.llm.bos_id, "eos": cfg.llm.eos_id, "pad": cfg.llm.pad_id,
+                        "image": prompt_section(cfg)["image_token_id"]},
+        "tokenizers": {"llm": tok, "qformer": "tokenizer/qformer_vocab.txt",
+                       "qformer_max_length": cfg.qformer.max_text_len},
+        "llm": {"context": cfg.llm.max_positions, "max_token": cfg.max_token, "layers": cfg.llm.layers,
+                "kv_heads": cfg.llm.kv_heads, "head_dim": cfg.llm.head_dim, "vocab_size": cfg.llm.vocab_size,
+                "kv_layout": "shared" if form == "fused" else "concat", "embeddings": "llm/embed_tokens.npy"},
+        "stages": {s: {**io[s], "variants": variants[s]} for s in ("vision", "head", "llm")},
+        "build": {"precision": precision, "target": target, "resolved_target": resolved, "key": key},
+        "versions": versions(),
+        "files": dict(sorted(files.items())),
+    }
+
+
+def plan_table(manifest: dict, available=None) -> str:
+    """Markdown table: every variant, and which one runs here (first runnable backend in order)."""
+    from runtime.backends import available_backends, choose_variant
+    available = available or available_backends()
+    rows = ["| stage | file | precision | backend | runs here |", "|---|---|---|---|---|"]
+    for stage, entry in manifest["stages"].items():
+        chosen = choose_variant(entry["variants"], available)
+        for v in entry["variants"]:
+            mark = "yes" if v is chosen else ("no: backend not on this machine" if v["backend"] not in available else "")
+            rows.append(f"| {stage} | {v['file']} | {v['precision']} | {v['backend']} | {mark} |")
+    return "\n".join(rows) + f"\n(backends on this machine: {', '.join(available)})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in default model)")
+    ap.add_argument("--out", default=None, help="output directory (default: artifacts/<model-name>/)")
+    ap.add_argument("--target", choices=TARGETS, default="auto")
+    a = ap.parse_args(argv)
+    try:
+        build(a.checkpoint, a.precision, a.out, a.target)
+    except (BuildError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""manifest.json: the one contract between export and every runtime, bench and test.
+
+    {
+      "format": "llamavid-artifacts", "manifest_version": 1,
+      "model":      name, config (the full LlamaVidConfig), tokens_per_frame, widths
+      "preprocess": image_size, mean, std, image_aspect_ratio, video_fps
+      "prompt":     template text pieces (system, roles, separators), placeholder text and id
+      "special_ids": bos, eos, pad, image (-200)
+      "tokenizers": llm file, qformer vocab file, qformer_max_length
+      "llm":        context, kv layout, embedding table file, layers / kv_heads / head_dim / vocab
+      "stages":     {vision|head|llm: {inputs, outputs: {name: {shape (symbolic dims), dtype}},
+                                       variants: [{file, precision, backend, form, ...}]}}
+      "build":      requested precision and target, build key, what runs where
+      "versions":   package, onnx, onnxruntime, torch
+      "files":      {relative path: sha256} for every file the directory holds
+    }
+
+read_manifest(dir) validates the version, every stage name and every file's hash, and raises
+ManifestError naming what was expected and what was found.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 1
+STAGES = ("vision", "head", "llm")
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+
+
+class ManifestError(ValueError):
+    """An artifact directory the runtime must refuse; the message says which file or field and why."""
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor(shape, dtype: str = "float32") -> dict:
+    return {"shape": list(shape), "dtype": dtype}
+
+
+def stage_io(cfg, kv_layout: str) -> dict:
+    """Tensor names, symbolic shapes and dtypes of each stage (the ONNX graphs use the same)."""
+    v, q, llm = cfg.vision, cfg.qformer, cfg.llm
+    S, N1, Cv, H = v.image_size, v.num_patches + 1, v.width, llm.hidden
+    n1 = cfg.tokens_per_frame
+    kv_seq = ("max_seq", "max_seq") if kv_layout == "shared" else ("past_seq", "total")
+    kv = ["batch", llm.kv_heads, None, llm.head_dim]
+    past = {f"past_key_values.{i}.{k}": tensor(kv[:2] + [kv_seq[0]] + kv[3:])
+            for i in range(llm.layers) for k in ("key", "value")}
+    present = {f"present.{i}.{k}": tensor(kv[:2] + [kv_seq[1]] + kv[3:])
+               for i in range(llm.layers) for k in ("key", "value")}
+    return {
+        "vision": {"inputs": {"pixel_values": tensor(["frames", 3, S, S])},
+                   "outputs": {"vision_feats": tensor(["frames", N1, Cv])}},
+        "head": {"inputs": {"vision_feats": tensor(["frames", N1, Cv]),
+                            "qformer_ids": tensor(["frames", "text"], "int64"),
+                            "qformer_mask": tensor(["frames", "text"], "int64")},
+                 "outputs": {"frame_tokens": tensor(["frames", n1, H])}},
+        "llm": {"inputs": {"inputs_embeds": tensor(["batch", "seq", H]),
+                           "attention_mask": tensor(["batch", "total"], "int64"), **past},
+                "outputs": {"logits": tensor(["batch", 1, llm.vocab_size]), **present}},
+    }
+
+
+def prompt_section(cfg) -> dict:
+    from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+    from llamavid_ref.templates import TEMPLATES
+    t = TEMPLATES[cfg.template]
+    return {"template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
+            "image_placeholder": IMAGE_PLACEHOLDER, "image_token_id": IMAGE_TOKEN_INDEX,
+            "media_prefix": IMAGE_PLACEHOLDER + "\n"}
+
+
+def hash_files(root: Path, names) -> dict:
+    return {n: sha256(Path(root) / n) for n in sorted(names)}
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Write manifest.json atomically (last, so a directory with a manifest is complete)."""
+    root = Path(root)
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(root / "manifest.json")
+    return root / "manifest.json"
+
+
+def read_manifest(root: Path, verify_hashes: bool = True) -> dict:
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        found = "nothing" if not root.exists() else f"{sorted(p.name for p in root.iterdir())[:8]}"
+        raise ManifestError(f"artifacts {root}: expected manifest.json (written by python -m export.build), "
+                            f"found {found}")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: expected JSON, found a parse error ({e})") from e
+    if m.get("format") != FORMAT or m.get("manifest_version") != MANIFEST_VERSION:
+        built = m.get("versions", {}).get("package", "unknown")
+        raise ManifestError(f"{path}: expected format {FORMAT!r} version {MANIFEST_VERSION}, found "
+                            f"{m.get('format')!r} version {m.get('manifest_version')!r} (built by llamavid-deploy "
+                            f"{built}); rebuild the directory with python -m export.build")
+    unknown = sorted(set(m.get("stages", {})) - set(STAGES))
+    if unknown:
+        raise ManifestError(f"{path}: unknown stage(s) {unknown}; this runtime knows {list(STAGES)}")
+    missing = [s for s in STAGES if s not in m.get("stages", {})]
+    if missing:
+        raise ManifestError(f"{path}: expected stages {list(STAGES)}, found no {missing}")
+    for stage, entry in m["stages"].items():
+        for v in entry["variants"]:
+            if v["backend"] not in BACKENDS:
+                raise ManifestError(f"{path}: stage {stage} variant {v['file']}: expected a backend in "
+                                    f"{list(BACKENDS)}, found {v['backend']!r}")
+            for f in [v["file"], *v.get("extra_files", [])]:
+                if f not in m["files"]:
+                    raise ManifestError(f"{path}: stage {stage} names {f}, which has no entry in 'files'")
+    if verify_hashes:
+        for name, want in m["files"].items():
+            p = root / name
+            if not p.is_file():
+                raise ManifestError(f"artifacts {root}: expected file {name} (sha256 {want}), found no file")
+            got = sha256(p)
+            if got != want:
+                raise ManifestError(f"artifacts {root}: file {name} was modified: expected sha256 {want}, "
+                                    f"found {got}; rebuild with python -m export.build")
+    return m

@@ -1,0 +1,57 @@
+"""ONNX Runtime backend: one InferenceSession per stage, run through IO binding so that the caller's
+numpy buffers (inputs and preallocated outputs, e.g. a KV cache bound as both past and present) are
+used in place."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"], "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class OrtStage:
+    def __init__(self, session: ort.InferenceSession, path: Path):
+        self.session, self.path = session, path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """inputs: every graph input by name; outputs: optional preallocated buffers, written in place.
+        Returns every output (the preallocated ones are the same arrays)."""
+        outputs = outputs or {}
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"{self.path.name}: expected inputs {self.input_names}, missing {missing}")
+        io = self.session.io_binding()
+        keep = [np.ascontiguousarray(inputs[n]) for n in self.input_names]    # alive until the run ends
+        for name, a in zip(self.input_names, keep):
+            io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name in self.output_names:
+            if name in outputs:
+                a = outputs[name]
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{self.path.name}: output buffer {name} must be C-contiguous")
+                io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            else:
+                io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        result = dict(outputs)
+        for name, value in zip(self.output_names, io.get_outputs()):
+            if name not in outputs:
+                result[name] = value.numpy()
+        return result
+
+
+class OrtBackend:
+    def __init__(self, name: str = "ort-cpu", threads: int | None = None):
+        self.name, self.threads = name, threads
+
+    def open_stage(self, path: Path) -> OrtStage:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        path = Path(path)
+        return OrtStage(ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name]), path)
