@@ -9,7 +9,6 @@ contextAttentionPluginCheck.cpp, which loads the library like TensorRT's loadLib
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
