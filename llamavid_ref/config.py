@@ -174,6 +174,15 @@ PRESETS = {
     "llama-vid-7b-full-224-long-video": lambda: _released(224, "mean", _LLM_7B_LONG, 65536),
     "llama-vid-13b-full-224-video-fps-1": lambda: _released(224, "mean", _LLM_13B, 2048),
     "llama-vid-13b-full-336": lambda: _released(336, None, _LLM_13B, 4096),
+    # The shipped default model (llamavid_ref/recipe.py trains it on the synthetic world, 64 px clips).
+    "default": lambda: LlamaVidConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=96, depth=4, heads=4, mlp_dim=192),
+        qformer=QFormerConfig(hidden=64, layers=2, heads=4, ffn=128, vocab_size=256, max_positions=64,
+                              num_query=8, max_text_len=48),
+        head=HeadConfig(compress_type="mean"),
+        llm=LLMConfig(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=4, ffn=384, max_positions=1024),
+        max_token=1024,
+    ),
     # Tiny: the real structure at toy sizes, for tests.
     "tiny": lambda: LlamaVidConfig(
         vision=VisionConfig(image_size=28, patch_size=7, width=32, depth=2, heads=4, mlp_dim=64),

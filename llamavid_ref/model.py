@@ -59,8 +59,14 @@ class LlamaVid(nn.Module):
         frames = [m[None] if m.dim() == 3 else m for m in images]
         counts = torch.tensor([f.shape[0] for f in frames])
         ids, mask = self.qformer_tokenizer(list(prompts))                                # [K,L]
-        tokens = self.encode_frames(torch.cat(frames), ids.repeat_interleave(counts, 0),
-                                    mask.repeat_interleave(counts, 0))                    # [sum T,n+1,H]
+        ids, mask = ids.repeat_interleave(counts, 0), mask.repeat_interleave(counts, 0)  # [sum T,L]
+        # The vision stage is question-independent: run it once per distinct media tensor.
+        unique = {id(f): f for f in frames}
+        feats = {k: torch.cat([self.vision(f[i:i + FRAME_CHUNK]) for i in range(0, len(f), FRAME_CHUNK)])
+                 for k, f in unique.items()}
+        vision_feats = torch.cat([feats[id(f)] for f in frames])                         # [sum T,N+1,Cv]
+        tokens = torch.cat([self.head(vision_feats[i:i + FRAME_CHUNK], ids[i:i + FRAME_CHUNK],
+                                      mask[i:i + FRAME_CHUNK]) for i in range(0, len(ids), FRAME_CHUNK)])
         return [t.flatten(0, 1) for t in tokens.split(counts.tolist())]
 
     # ---- prompt assembly -----------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""python -m llamavid_ref.recipe: build the shipped default model from nothing, on CPU.
+
+    synthetic world (seed) ─> tokenizers (BPE for the LLM, WordPiece for the Q-Former)
+      ─> random init of the "default" preset ─> stage 0: everything, captions + QA
+      ─> stage 2: all but the vision encoder, QA ─> evaluate val/test ─> llamavid_ref/default_model
+
+Stage 0 is ours: no small pretrained vision encoder or LLM exists offline, so the first stage trains
+them from scratch; stage 2 is the paper's instruction tuning (vision frozen) with a small-model lr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import from_name
+from .data import world
+from .evaluate import predict, report, score
+from .model import LlamaVid
+from .templates import TEMPLATES
+from .tiny import random_init
+from .tokenizer import LLMTokenizer, QFormerTokenizer
+from .train import build_example, train
+from .video import load_video
+
+CAPTION_PROMPT = world.CAPTION_PROMPT
+
+
+def corpus(clips) -> list[str]:
+    """Every text the model sees: template, questions, answers, captions."""
+    texts = [t.system for t in TEMPLATES.values()] + ["USER: ASSISTANT:", CAPTION_PROMPT]
+    for c in clips:
+        texts += [q + " " + a for _, q, a in world.questions(c.sprites)] + [world.caption(c.sprites)]
+    return texts
+
+
+def build_tokenizers(texts: list[str], out: Path, llm_vocab: int, qformer_vocab: int) -> tuple[Path, Path]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.implementations import BertWordPieceTokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=llm_vocab, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.save(str(out / "tokenizer.json"))
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts, vocab_size=qformer_vocab, show_progress=False,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    vocab = out / "qformer_vocab.txt"
+    vocab.write_text("\n".join(sorted(wp.get_vocab(), key=wp.get_vocab().get)) + "\n")
+    return out / "tokenizer.json", vocab
+
+
+def examples_for(model: LlamaVid, data: Path, clips, all_questions: bool):
+    """(example list, frames by video path): every question a clip answers (train) or its own (eval)."""
+    out, frames = [], {}
+    for c in clips:
+        px = frames[c.video] = model.load_media(load_video(data / c.video).frames)
+        qas = [(q, a) for _, q, a in world.questions(c.sprites)] if all_questions else [(c.question, c.answer)]
+        qas += [(CAPTION_PROMPT, world.caption(c.sprites))] if all_questions else []
+        out += [build_example(model, [("human", "<image>\n" + q), ("gpt", a)], px) for q, a in qas]
+    return out, frames
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/default", help="world data and stage checkpoints")
+    ap.add_argument("--out", default=str(checkpoint.DEFAULT_MODEL_DIR))
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--train-clips", type=int, default=3000)
+    ap.add_argument("--eval-clips", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage0-epochs", type=float, default=4.0)
+    ap.add_argument("--stage2-epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr0", type=float, default=2e-3)
+    ap.add_argument("--lr2", type=float, default=3e-4)
+    a = ap.parse_args(argv)
+    t0, work = time.perf_counter(), Path(a.work)
+    torch.manual_seed(a.seed)
+    counts = {"train": a.train_clips, "val": a.eval_clips, "test": a.eval_clips}
+    if not (work / "world" / "world.json").is_file() or \
+            json.loads((work / "world" / "world.json").read_text()).get("counts") != counts:
+        world.generate(work / "world", counts, seed=a.seed, captions=True)
+    clips = {s: world.make_split(s, n, a.seed) for s, n in counts.items()}
+    cfg = from_name(a.preset)
+    tok, vocab = build_tokenizers(corpus(clips["train"]), work / "tokenizer", cfg.llm.vocab_size, cfg.qformer.vocab_size)
+    model = random_init(LlamaVid(cfg), a.seed, std=0.02)
+    model.tokenizer = LLMTokenizer(tok, cfg.llm.bos_id, cfg.llm.eos_id)
+    model.qformer_tokenizer = QFormerTokenizer(vocab, cfg.qformer.max_text_len)
+    train_ex, _ = examples_for(model, work / "world", clips["train"], all_questions=True)
+    print(f"{len(train_ex)} training examples from {len(clips['train'])} clips "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    common = dict(batch_size=a.batch_size, seed=a.seed, save_every=200, max_tokens=cfg.max_token)
+    train(model, train_ex, 0, work / "stage0", lr=a.lr0, epochs=a.stage0_epochs, **common)
+    qa_ex = [e for e in train_ex if e.prompt != CAPTION_PROMPT]
+    train(model, qa_ex, 2, work / "stage2", lr=a.lr2, epochs=a.stage2_epochs, **common)
+    checkpoint.save(model, a.out)
+    results = {}
+    for split in ("val", "test"):
+        _, frames = examples_for(model, work / "world", clips[split], all_questions=False)
+        entries = json.loads((work / "world" / f"{split}.json").read_text())
+        results[split] = score(predict(model, entries, work / "world", frames_cache=frames))
+        print(f"{split}:\n{report(results[split])}")
+    (Path(a.out) / "recipe.json").write_text(json.dumps(
+        {"args": vars(a), "results": results, "minutes": round((time.perf_counter() - t0) / 60, 1)}, indent=2) + "\n")
+    print(f"wrote {a.out} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
