@@ -1,0 +1,129 @@
+"""python -m export.build on tiny checkpoints: manifest contents, skipping unchanged stages, the
+TensorRT target without TensorRT, and the manifest reader's errors."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import llamavid_ref
+from export import build as build_mod
+from export.build import BuildError, build
+from export.manifest import MANIFEST_VERSION, ManifestError, read_manifest
+from llamavid_ref.config import from_name
+from llamavid_ref.tiny import tiny_model
+
+
+def tiny_checkpoint(root, fused: bool, seed: int = 3):
+    """A tiny model saved in the project format. fused=True widens the LLM to head_dim 16, the
+    smallest GroupQueryAttention accepts, so the fused decoder is built; else the plain one."""
+    cfg = from_name("tiny")
+    if fused:
+        cfg.llm = dataclasses.replace(cfg.llm, hidden=64)
+    model = tiny_model(root / "src", seed=seed, cfg=cfg)
+    return llamavid_ref.save(model, root / "ckpt")
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    ckpt = tiny_checkpoint(root, fused=True)
+    return ckpt, build(ckpt, "fp16", root / "art", "auto", log=quiet)
+
+
+def test_manifest_is_the_contract(built):
+    _, art = built
+    m = read_manifest(art)
+    assert m["manifest_version"] == MANIFEST_VERSION
+    assert m["model"]["tokens_per_frame"] == 2
+    assert m["special_ids"] == {"bos": 1, "eos": 2, "pad": 0, "image": -200}
+    assert m["prompt"]["roles"] == ["USER", "ASSISTANT"] and m["prompt"]["sep2"] == "</s>"
+    assert m["preprocess"]["image_size"] == 28 and len(m["preprocess"]["mean"]) == 3
+    assert m["tokenizers"] == {"llm": "tokenizer/tokenizer.json", "qformer": "tokenizer/qformer_vocab.txt",
+                               "qformer_max_length": 256}
+    assert m["llm"]["kv_layout"] == "shared" and m["llm"]["context"] == 512
+    head = m["stages"]["head"]
+    assert head["inputs"]["qformer_ids"] == {"shape": ["frames", "text"], "dtype": "int64"}
+    assert head["outputs"]["frame_tokens"]["shape"] == ["frames", 2, 64]
+    assert m["stages"]["llm"]["inputs"]["past_key_values.1.value"]["shape"] == ["batch", 2, "max_seq", 16]
+    # fp16 on a CPU-only machine: fp32 graphs for ort-cpu, fp16 graphs for ort-cuda, the plugin graph for TensorRT
+    by_backend = {(v["backend"], v["precision"]) for v in m["stages"]["vision"]["variants"]}
+    assert by_backend == {("ort-cpu", "fp32"), ("ort-cuda", "fp16")}
+    trt = [v for v in head["variants"] if v["backend"] == "tensorrt"]
+    assert trt[0]["file"] == "head_trt.onnx" and trt[0]["plugin"]["op_type"] == "ContextAttention"
+    for name in ("vision.onnx", "vision.fp16.onnx", "head.onnx", "head_trt.onnx", "llm/decoder.onnx",
+                 "llm/decoder.fp16.onnx", "llm/embed_tokens.npy", "tokenizer/tokenizer.json"):
+        assert len(m["files"][name]) == 64
+    assert set(m["versions"]) == {"package", "onnx", "onnxruntime", "torch"}
+
+
+def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(built, tmp_path):
+    ckpt, art = built
+    lines = []
+    build(ckpt, "fp16", art, "auto", log=lines.append)
+    assert sum("unchanged, skipped" in line for line in lines) == 4
+    # a damaged file makes only its stage run again
+    (art / "head.onnx").write_bytes(b"broken")
+    lines.clear()
+    build(ckpt, "fp16", art, "auto", log=lines.append)
+    assert [line.split()[2] for line in lines if "exporting" in line] == ["head:"]
+    read_manifest(art)
+    # another precision changes the build key: every stage runs
+    out = tmp_path / "int8"
+    shutil.copytree(art, out)
+    lines.clear()
+    build(ckpt, "int8", out, "auto", log=lines.append)
+    assert sum("exporting" in line for line in lines) == 4
+    assert read_manifest(out)["stages"]["vision"]["variants"][0]["precision"] == "int8"
+
+
+def test_plan_table_says_what_runs_where(built):
+    _, art = built
+    table = build_mod.plan_table(read_manifest(art), ["ort-cpu"])
+    assert "| vision | vision.onnx | fp32 | ort-cpu | yes |" in table
+    assert "| vision | vision.fp16.onnx | fp16 | ort-cuda | no: backend not on this machine |" in table
+
+
+def test_tensorrt_target_without_tensorrt_writes_nothing(built, tmp_path, monkeypatch):
+    ckpt, _ = built
+    monkeypatch.setattr(build_mod, "tensorrt_available", lambda: False)
+    with pytest.raises(BuildError, match="expected the TensorRT Python package .* found none .* nothing was written"):
+        build(ckpt, "fp16", tmp_path / "trt", "tensorrt", log=quiet)
+    assert not (tmp_path / "trt").exists()
+    assert build_mod.main(["--checkpoint", str(ckpt), "--target", "tensorrt", "--out", str(tmp_path / "t")]) == 2
+
+
+def copy_art(art, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(art, out)
+    return out
+
+
+def test_modified_file_names_the_file_and_both_hashes(built, tmp_path):
+    out = copy_art(built[1], tmp_path)
+    want = read_manifest(out)["files"]["head.onnx"]
+    with open(out / "head.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match=f"file head.onnx was modified: expected sha256 {want}, found [0-9a-f]{{64}}"):
+        read_manifest(out)
+
+
+def test_missing_file_version_and_unknown_stage(built, tmp_path):
+    out = copy_art(built[1], tmp_path)
+    (out / "llm/embed_tokens.npy").unlink()
+    with pytest.raises(ManifestError, match=r"expected file llm/embed_tokens.npy \(sha256 [0-9a-f]{64}\), found no file"):
+        read_manifest(out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "manifest_version": 99}))
+    with pytest.raises(ManifestError, match="expected format 'llamavid-artifacts' version 1, found 'llamavid-artifacts' version 99"):
+        read_manifest(out)
+    m["stages"]["audio"] = m["stages"]["vision"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"unknown stage\(s\) \['audio'\]; this runtime knows \['vision', 'head', 'llm'\]"):
+        read_manifest(out)
+    with pytest.raises(ManifestError, match="expected manifest.json .* found nothing"):
+        read_manifest(tmp_path / "nowhere")

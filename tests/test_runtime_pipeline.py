@@ -1,0 +1,149 @@
+"""The ONNX Runtime pipeline end to end against the reference on tiny models: identical greedy tokens
+(fused and plain decoders), identical seeded sampling, streaming, multi-turn chat, the chat CLI, and
+every bad input with a clear error."""
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import llamavid_ref
+from export.build import build
+from export.manifest import ManifestError
+from llamavid_ref.model import Chat
+from llamavid_ref.templates import question_prompt
+from llamavid_ref.video import VideoError, write_video
+from runtime import chat as chat_cli
+from runtime.pipeline import Pipeline
+from test_export_build import quiet, tiny_checkpoint
+
+QUESTIONS = ["what color is the square ?", "how many shapes are there ?", "what moves left ?"]
+
+
+@pytest.fixture(scope="module", params=["fused", "plain"])
+def pair(request, tmp_path_factory):
+    """(pipeline, reference) on the same tiny checkpoint, fp32."""
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = tiny_checkpoint(root, fused=request.param == "fused", seed=7)
+    art = build(ckpt, "fp32", root / "art", "ort", log=quiet)
+    pipe = Pipeline.open(art)
+    assert pipe.kv_layout == ("shared" if request.param == "fused" else "concat")
+    return pipe, llamavid_ref.load(ckpt)
+
+
+def clips():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(n, 3, 28, 28, generator=g) for n in (1, 3, 8)]
+
+
+def test_greedy_tokens_identical_to_reference(pair):
+    pipe, ref = pair
+    for video in clips():
+        for q in QUESTIONS:
+            ids = torch.tensor([ref.tokenizer.encode_prompt(question_prompt(q))])
+            want = ref.generate(ids, [video], [q], max_new_tokens=16)[0].tolist()
+            embeds = pipe.embed(pipe.encode_prompt(question_prompt(q)), pipe.visual_tokens(pipe.load_media(video), q))
+            assert list(pipe.generate(embeds, max_new_tokens=16)) == want
+
+
+def test_seeded_top_p_sampling_identical_to_reference(pair):
+    pipe, ref = pair
+    video = clips()[1]
+    assert pipe.ask(video, QUESTIONS[2], max_new_tokens=16) == ref.ask(video, QUESTIONS[2], max_new_tokens=16)
+    for seed in (0, 5):
+        kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.8, seed=seed)
+        assert pipe.ask(video, QUESTIONS[0], **kw) == ref.ask(video, QUESTIONS[0], **kw)
+
+
+def test_stream_pieces_join_to_the_answer(pair):
+    pipe, _ = pair
+    video = clips()[2]
+    pieces = list(pipe.ask_stream(video, QUESTIONS[1], max_new_tokens=12))
+    assert "".join(pieces) == pipe.ask(video, QUESTIONS[1], max_new_tokens=12)
+
+
+def test_multi_turn_chat_matches_reference_chat(pair):
+    pipe, ref = pair
+    video = clips()[1]
+    mine, theirs = pipe.chat(video), Chat(ref, video)
+    for q in QUESTIONS[:2]:
+        assert mine.ask(q, max_new_tokens=8) == theirs.ask(q, max_new_tokens=8)
+
+
+def test_video_and_image_files(pair, tmp_path):
+    pipe, ref = pair
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)
+    write_video(tmp_path / "clip.mp4", frames, fps=2)
+    assert pipe.ask(tmp_path / "clip.mp4", QUESTIONS[0], max_new_tokens=8) == \
+        ref.ask(str(tmp_path / "clip.mp4"), QUESTIONS[0], max_new_tokens=8)
+    # unusual image modes are converted as the reference converts them (grey, RGBA, 16-bit grey)
+    images = {"grey.png": Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8), "L"),
+              "rgba.png": Image.fromarray(rng.integers(0, 256, (30, 20, 4), dtype=np.uint8), "RGBA"),
+              "grey16.png": Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16))}
+    for name, img in images.items():
+        img.save(tmp_path / name)
+        assert pipe.ask(tmp_path / name, QUESTIONS[1], max_new_tokens=6) == \
+            ref.ask(str(tmp_path / name), QUESTIONS[1], max_new_tokens=6), name
+
+
+def test_bad_videos_are_clear_errors(pair, tmp_path):
+    pipe, _ = pair
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all\n" * 50)
+    zero = tmp_path / "zero.mkv"
+    with av.open(str(zero), "w") as container:
+        s = container.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*audio.encode(frame), *audio.encode()]:
+            container.mux(packet)
+    cases = {tmp_path / "missing.mp4": "no such file", tmp_path / "empty.mp4": "empty (0-byte)",
+             tmp_path / "corrupt.mp4": "cannot parse", zero: "at least one decodable frame"}
+    for path, fragment in cases.items():
+        with pytest.raises(VideoError, match="expected") as e:
+            pipe.ask(path, "what ?", max_new_tokens=2)
+        assert str(path) in str(e.value) and fragment in str(e.value) and "found" in str(e.value)
+
+
+def test_bad_arrays_are_clear_errors(pair):
+    pipe, _ = pair
+    with pytest.raises(ValueError, match=r"expected uint8 \[H,W,3\], found float64 \[4, 4\]"):
+        pipe.ask(np.zeros((4, 4)), "what ?")
+    with pytest.raises(ValueError, match=r"expected \[T,3,28,28\] float32, found \[2, 3, 32, 32\]"):
+        pipe.ask(np.zeros((2, 3, 32, 32), np.float32), "what ?")
+
+
+def test_question_that_does_not_fit_the_context(pair):
+    pipe, _ = pair
+    video = torch.randn(300, 3, 28, 28)                    # 600 visual tokens > 512 positions
+    with pytest.raises(ValueError, match=r"prompt too long: \d+ tokens .* context of 512 positions"):
+        pipe.ask(video, "what ?", max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt too long"):
+        pipe.ask(None, "what " * 600, max_new_tokens=4)
+
+
+def test_open_refuses_a_modified_artifact_dir(pair, tmp_path):
+    import shutil
+    pipe, _ = pair
+    out = tmp_path / "art"
+    shutil.copytree(pipe.root, out)
+    with open(out / "vision.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ManifestError, match="file vision.onnx was modified: expected sha256"):
+        Pipeline.open(out)
+
+
+def test_chat_cli_answers_and_reports_errors(pair, tmp_path, capsys):
+    pipe, ref = pair
+    img = Image.fromarray(np.full((28, 28, 3), 200, np.uint8))
+    img.save(tmp_path / "i.png")
+    assert chat_cli.main(["--artifacts", str(pipe.root), "--image", str(tmp_path / "i.png"),
+                          "--max-new-tokens", "6", QUESTIONS[0]]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == ref.ask(str(tmp_path / "i.png"), QUESTIONS[0], max_new_tokens=6)
+    assert "ort-cpu" in out.err
+    assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(tmp_path / "none.mp4"), "q"]) == 2
+    assert "no such file" in capsys.readouterr().err
