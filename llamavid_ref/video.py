@@ -197,7 +197,8 @@ def write_video(path, frames: np.ndarray, fps: float, codec: str | None = None, 
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     codec = codec or _encoder()
-    options = {"crf": str(crf)} if codec == "libx264" else {}
+    # No B-frames: libx264's B-frames came out different from run to run under CPU load here.
+    options = {"crf": str(crf), "x264-params": "bframes=0"} if codec == "libx264" else {}
     path = os.fspath(path)
     # faststart puts the MP4 index first, so a file cut short still opens and decodes part-way.
     mp4 = os.path.splitext(path)[1].lower() in (".mp4", ".mov", ".m4v")
@@ -208,10 +209,8 @@ def write_video(path, frames: np.ndarray, fps: float, codec: str | None = None, 
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = 2 * 118  # FF_QP2LAMBDA
         for image in frames:
-            # Convert to yuv420p here: leaving it to encode() gave different bytes from run to run.
-            picture = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            for packet in stream.encode(picture):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
-        for packet in stream.encode():  # flush delayed (B-)frames
+        for packet in stream.encode():  # flush the encoder's lookahead
             container.mux(packet)
     return codec
