@@ -23,7 +23,7 @@ setup(
     description="LLaMA-VID reference, export, kernels and runtime for edge and data-centre inference",
     python_requires=">=3.10",
     packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
-    include_package_data=True,
+    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"]},
     install_requires=CORE + EXPORT,
     extras_require={"test": TEST},
 )
