@@ -6,7 +6,8 @@ The release samples with decord: step = round(avg_fps / fps) and keeps frames 0,
 below the frame count (so 1 frame per second at fps=1). Python's round() is used on purpose: it
 rounds halves to even, so a 2.5 fps source keeps every 2nd frame and a 3.5 fps source every 4th,
 exactly as the release does. The step is at least 1 (the release divides by zero below 0.5 fps).
-Frames are counted while decoding; the container's frame count is only used to notice truncation.
+Frames are counted while decoding; what the container declares (its duration) is only used to
+notice a file that ends early.
 """
 from __future__ import annotations
 

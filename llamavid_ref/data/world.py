@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import time
@@ -379,28 +380,29 @@ def spec() -> dict:
 
 def generate(out, counts: dict[str, int], seed: int = 0, captions: bool = False,
              multiturn: bool = False, workers: int | None = None, log=print) -> dict[str, list[Clip]]:
-    """Write the videos and JSON files of every split in `counts` under `out`; returns the clips."""
+    """Write the videos and JSON files of every split in `counts` under `out`; returns the clips.
+    Encoding runs in `workers` spawned processes (default: one per core), inline for tiny sets."""
     out = Path(out)
     workers = workers or os.cpu_count() or 1
+    spawn = multiprocessing.get_context("spawn")  # safe inside a process that already runs threads
     made = {}
-    for split, count in counts.items():
-        start = time.perf_counter()
-        clips = made[split] = make_split(split, count, seed)
-        (out / "videos" / split).mkdir(parents=True, exist_ok=True)
-        jobs = [(str(out / clip.video), clip.sprites) for clip in clips]
-        every = max(1, count // 10)
-        with ProcessPoolExecutor(workers) if workers > 1 and count > 32 else _InProcess() as pool:
+    with ProcessPoolExecutor(workers, spawn) if workers > 1 and sum(counts.values()) > 64 else _InProcess() as pool:
+        for split, count in counts.items():
+            start = time.perf_counter()
+            clips = made[split] = make_split(split, count, seed)
+            (out / "videos" / split).mkdir(parents=True, exist_ok=True)
+            jobs = [(str(out / clip.video), clip.sprites) for clip in clips]
+            every = max(1, count // 10)
             for done, _ in enumerate(pool.map(_write_clip, jobs, chunksize=16), start=1):
                 if done % every == 0 or done == count:
                     log(f"world: {split} {done}/{count} clips, {time.perf_counter() - start:.1f} s")
-        _dump(out / f"{split}.json",
-              [_entry(c, [(c.question, c.answer)], qtype=c.qtype) for c in clips])
-        if captions:
-            _dump(out / f"{split}_captions.json",
-                  [_entry(c, [(CAPTION_PROMPT, caption(c.sprites))], qtype="caption") for c in clips])
-        if multiturn:
-            rng = random.Random(f"llamavid-world/{seed}/{split}/multiturn")
-            _dump(out / f"{split}_multiturn.json", [_multiturn(c, rng) for c in clips])
+            _dump(out / f"{split}.json", [_entry(c, [(c.question, c.answer)], qtype=c.qtype) for c in clips])
+            if captions:
+                _dump(out / f"{split}_captions.json",
+                      [_entry(c, [(CAPTION_PROMPT, caption(c.sprites))], qtype="caption") for c in clips])
+            if multiturn:
+                rng = random.Random(f"llamavid-world/{seed}/{split}/multiturn")
+                _dump(out / f"{split}_multiturn.json", [_multiturn(c, rng) for c in clips])
     (out / "world.json").write_text(json.dumps({**spec(), "seed": seed, "counts": counts}, indent=1) + "\n")
     return made
 
