@@ -121,3 +121,10 @@ def test_malformed_files(tmp_path):
         load_llava_json(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="media_position"):
         parse_entry(qa(), 0, tmp_path, media_position="middle")
+
+
+def test_package_exports_resolve():
+    import llamavid_ref.data as data
+
+    assert all(getattr(data, name) is not None for name in data.__all__)
+    assert data.load_llava_json is load_llava_json and data.QTYPES == world.QTYPES
