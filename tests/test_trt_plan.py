@@ -1,0 +1,443 @@
+"""export/trt.py on CPU: the TensorRT engine plan passes every check for a tiny model's artifacts and
+for the released 7B video shapes (profiles from the preset, ops from a narrow model of the same graph
+structure); each check fails with a clear message on a broken input; the engine build's control flow
+(every parser error printed, temp names, nothing half-built) through a stand-in tensorrt module;
+without TensorRT the build fails clearly and writes nothing; and the TensorRT backend's run loop
+(buffers, copies, profile and manifest errors) through a stand-in engine on host memory."""
+import ctypes
+import dataclasses
+import enum
+import math
+import shutil
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+
+import llamavid_ref
+from export import build as build_mod
+from export import trt
+from export.head import PLUGIN, export_head
+from export.manifest import read_manifest, stage_io
+from export.vision import export_vision
+from kernels import build as kernels_build
+from llamavid_ref.config import LLMConfig, from_name
+from llamavid_ref.model import LlamaVid
+from llamavid_ref.tiny import random_init, tiny_model
+from runtime.backends.tensorrt import TensorrtUnavailable
+
+RELEASED = "llama-vid-7b-full-224-video-fps-1"
+
+
+def tensorrt_installed() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """A tiny model exported with the CLI, fp32."""
+    root = tmp_path_factory.mktemp("trt_plan")
+    ckpt = llamavid_ref.save(tiny_model(root / "src"), root / "ckpt")
+    assert build_mod.main(["--checkpoint", str(ckpt), "--precision", "fp32", "--out", str(root / "art")]) == 0
+    return root / "art"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A stand-in plugin library file: check (d) only asks whether it exists."""
+    path = tmp_path_factory.mktemp("lib") / kernels_build.PLUGIN_LIBRARY
+    path.write_bytes(b"\x7fELF")
+    return path
+
+
+def manifest_for(cfg, precision="fp16") -> dict:
+    """The manifest fields a plan reads, as export.build writes them, for a config without exporting it."""
+    io = stage_io(cfg, "shared")
+    plugin = {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"], "scale": cfg.vision.width ** -0.5}
+    variants = {"vision": [{"file": "vision.onnx", "precision": "fp32", "backend": "ort-cpu"}],
+                "head": [{"file": "head.onnx", "precision": "fp32", "backend": "ort-cpu"},
+                         {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "plugin": plugin}],
+                "llm": []}
+    return {"model": {"config": cfg.to_dict()}, "tokenizers": {"qformer_max_length": cfg.qformer.max_text_len},
+            "build": {"precision": precision}, "stages": {s: {**io[s], "variants": variants[s]} for s in io}}
+
+
+def narrow(cfg):
+    """The same graph structure (224 px, patch 14, 32 queries, 256 text tokens, mean pooling, mlp2x_gelu)
+    at toy widths."""
+    return dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, width=32, depth=2, heads=4, mlp_dim=64),
+        qformer=dataclasses.replace(cfg.qformer, hidden=24, layers=2, heads=3, ffn=48, vocab_size=64),
+        llm=LLMConfig(vocab_size=96, hidden=32, layers=1, heads=4, kv_heads=2, ffn=64, max_positions=512))
+
+
+def failed(checks):
+    return {(c.stage, c.name): c.message for c in checks if not c.ok}
+
+
+def head_plan(plan):
+    return next(sp for sp in plan.stages if sp.stage == "head")
+
+
+# ---- every check passes ---------------------------------------------------------------------------
+def test_tiny_artifacts_pass_every_check(art, library, capsys):
+    plan = trt.make_plan(art, plugin_library=library)
+    checks = trt.check_plan(plan)
+    assert failed(checks) == {}
+    assert {(c.stage, c.name) for c in checks} == {
+        (s, n) for s in ("vision", "head") for n in ("profiles", "io", "ops", "precision")} | {
+        ("head", "plugin"), ("head", "library")}
+    vision, head = plan.stages
+    assert (vision.onnx, vision.engine, head.onnx, head.engine) == ("vision.onnx", "vision.fp32.engine",
+                                                                    "head_trt.onnx", "head.fp32.engine")
+    assert plan.runtime == {"frames": (1, 64), "text": (1, 256)}
+    assert vision.profile["pixel_values"] == trt.Dims((1, 3, 28, 28), (64, 3, 28, 28), (64, 3, 28, 28))
+    assert head.profile["qformer_ids"] == trt.Dims((1, 1), (64, 32), (64, 256))
+    assert head.plugins[0].fields == {"scale": "kFLOAT32"} and head.fp32_layers == ()
+    assert trt.main(["--artifacts", str(art), "--plan-only", "--plugin-library", str(library)]) == 0
+    out = capsys.readouterr().out
+    assert "profile qformer_ids: min [1, 1] opt [64, 32] max [64, 256]" in out and "FAIL" not in out
+
+
+def test_creator_is_read_from_the_plugin_source_and_matches_the_exporter():
+    p = trt.creator_from_source()
+    assert (p.name, p.version, p.namespace, p.fields) == ("ContextAttention", "1", "llamavid", {"scale": "kFLOAT32"})
+    assert (PLUGIN["op_type"], PLUGIN["plugin_version"], PLUGIN["plugin_namespace"]) == (p.name, p.version, p.namespace)
+
+
+def test_fp16_keeps_norms_softmax_and_reductions_fp32_and_int8_needs_a_cache(art, library, tmp_path):
+    plan = trt.make_plan(art, precision="fp16", plugin_library=library)
+    checks = trt.check_plan(plan)
+    assert failed(checks) == {}
+    msg = {c.stage: c.message for c in checks if c.name == "precision"}
+    assert "NORMALIZATION, SOFTMAX, REDUCE" in msg["vision"] and "4 LayerNormalization, 2 Softmax" in msg["vision"]
+    assert "9 LayerNormalization, 1 ReduceMean, 3 Softmax" in msg["head"]
+    assert [sp.engine for sp in plan.stages] == ["vision.fp16.engine", "head.fp16.engine"]
+    int8 = trt.make_plan(art, precision="int8", plugin_library=library)
+    assert "int8 needs a calibration cache: expected --calibration-cache FILE, found none" in failed(trt.check_plan(int8))[("head", "precision")]
+    cache = tmp_path / "calib.cache"
+    cache.write_bytes(b"TRT-8601-EntropyCalibration2\n")
+    assert failed(trt.check_plan(trt.make_plan(art, precision="int8", plugin_library=library, calibration_cache=cache))) == {}
+
+
+def test_released_7b_video_shapes_are_covered():
+    cfg = from_name(RELEASED)
+    plan = trt.make_plan("unused", manifest_for(cfg))
+    assert failed(trt.check_profiles(plan)) == {}
+    vision, head = plan.stages
+    assert vision.profile["pixel_values"].max == (64, 3, 224, 224)
+    assert head.profile["vision_feats"] == trt.Dims((1, 257, 1408), (64, 257, 1408), (64, 257, 1408))
+    assert head.profile["qformer_mask"].max == (64, 256) and plan.runtime["text"] == (1, 256)
+    assert head.precision == "fp16" and head.fp32_layers == trt.FP32_LAYER_TYPES
+    assert math.isclose(head.plugin_node["scale"], 1 / math.sqrt(1408))
+    assert not any("positions" in n for n in plan.notes)         # 512 Q-Former positions >= 256 tokens
+
+
+def test_narrow_model_with_the_7b_graph_structure_passes_every_check(tmp_path, library):
+    cfg = narrow(from_name(RELEASED))
+    assert (cfg.vision.num_patches, cfg.qformer.num_query, cfg.qformer.max_text_len) == (256, 32, 256)
+    model = random_init(LlamaVid(cfg)).eval()
+    export_vision(model, tmp_path / "vision.onnx")
+    export_head(model, tmp_path / "head_trt.onnx", "plugin")
+    plan = trt.make_plan(tmp_path, manifest_for(cfg), plugin_library=library)
+    assert failed(trt.check_plan(plan)) == {}
+
+
+# ---- each check fails clearly on a broken input ---------------------------------------------------
+def test_profile_too_small_names_the_shape_and_what_the_runtime_needs(art, library):
+    checks = trt.check_profiles(trt.make_plan(art, max_text=64, plugin_library=library))
+    assert failed(checks) == {("head", "profiles"): failed(checks)[("head", "profiles")]}
+    msg = failed(checks)[("head", "profiles")]
+    assert "qformer_ids [1, 65] is outside the profile min [1, 1] max [64, 64]" in msg and "text up to 256" in msg
+    msg = failed(trt.check_profiles(trt.make_plan(art, max_frames=16, plugin_library=library)))[("vision", "profiles")]
+    assert "pixel_values [17, 3, 28, 28] is outside" in msg and "frames up to 64" in msg and "--max-frames" in msg
+    plan = trt.make_plan(art, plugin_library=library)
+    del head_plan(plan).profile["qformer_mask"]
+    assert "expected a profile for exactly the inputs" in failed(trt.check_profiles(plan))[("head", "profiles")]
+
+
+def test_unknown_unsupported_or_too_new_ops_are_named(art, library):
+    plan = trt.make_plan(art, plugin_library=library)
+    sp = head_plan(plan)
+    model = trt.load_graph(art / sp.onnx)
+    ops = {n.op_type: n for n in model.graph.node}
+    ops["Sub"].op_type = "MatMulInteger"
+    ops["Where"].op_type, ops["Where"].domain = "FusedMatMul", "com.microsoft"
+    ops["Pow"].op_type = "RMSNormalization"
+    msg = failed(trt.check_ops(sp, model, "10.3"))[("head", "ops")]
+    assert f"MatMulInteger (domain 'ai.onnx', node '{ops['Sub'].name}'): TensorRT's ONNX parser lists it as unsupported" in msg
+    assert "FusedMatMul (domain 'com.microsoft'" in msg and "no plugin of the plan provides it" in msg
+    assert "RMSNormalization" in msg and "parsed since TensorRT 10.15, the plan targets 10.3" in msg
+    model = trt.load_graph(art / sp.onnx)
+    model.opset_import[0].version = 23
+    assert "opset 23: TensorRT 10.3 parses opsets 9..20" in failed(trt.check_ops(sp, model, "10.3"))[("head", "ops")]
+    assert failed(trt.check_ops(sp, model, "10.15")) == {}
+    no_plugin = dataclasses.replace(sp, plugins=())
+    msg = failed(trt.check_ops(no_plugin, trt.load_graph(art / sp.onnx)))[("head", "ops")]
+    assert "ContextAttention (domain 'llamavid', node '/ContextAttention'): not an ONNX op and no plugin" in msg
+
+
+def plugin_node(model):
+    return next(n for n in model.graph.node if n.op_type == "ContextAttention")
+
+
+def set_attribute(node, name, value):
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + ([onnx.helper.make_attribute(name, value)] if value is not None else []))
+
+
+@pytest.mark.parametrize("name, value, tensorrt, expect", [
+    ("plugin_version", "2", "10.3", "plugin_version '2', the creator registers version '1'"),
+    ("plugin_namespace", "", "10.3", "plugin_namespace '' (domain 'llamavid'), the creator registers namespace 'llamavid'"),
+    ("plugin_namespace", None, "10.3", "plugin_namespace None (domain 'llamavid')"),
+    ("scale", 2, "10.3", "field 'scale': the creator takes kFLOAT32 (attribute type FLOAT or FLOATS), the node has INT"),
+    ("scale", 0.5, "10.3", "field 'scale' = 0.5, the manifest records 0.17677"),
+    ("scale", None, "10.3", "field 'scale' (kFLOAT32) missing"),
+    ("scal", 0.5, "10.3", "attributes ['scal'] are not fields of the creator (its fields: ['scale'])"),
+])
+def test_plugin_node_fields_must_match_the_creator(art, library, name, value, tensorrt, expect):
+    sp = head_plan(trt.make_plan(art, plugin_library=library))
+    model = trt.load_graph(art / sp.onnx)
+    set_attribute(plugin_node(model), name, value)
+    assert expect in failed(trt.check_plugin_nodes(sp, model, tensorrt))[("head", "plugin")]
+
+
+def test_namespace_from_the_domain_is_enough_from_tensorrt_10_10(art, library):
+    sp = head_plan(trt.make_plan(art, plugin_library=library))
+    model = trt.load_graph(art / sp.onnx)
+    set_attribute(plugin_node(model), "plugin_namespace", None)
+    assert failed(trt.check_plugin_nodes(sp, model, "10.10")) == {}
+
+
+def test_a_changed_creator_source_is_caught(art, library, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(kernels_build.SRC, src)
+    header = src / "contextAttentionPlugin.h"
+    header.write_text(header.read_text().replace('kCONTEXT_ATTENTION_VERSION = "1"', 'kCONTEXT_ATTENTION_VERSION = "2"'))
+    sp = head_plan(trt.make_plan(art, plugin_library=library))
+    sp = dataclasses.replace(sp, plugins=(trt.creator_from_source(src, library),))
+    msg = failed(trt.check_plugin_nodes(sp, trt.load_graph(art / sp.onnx)))[("head", "plugin")]
+    assert "the creator registers version '2'" in msg and "the manifest records ('ContextAttention', '1', 'llamavid')" in msg
+
+
+def test_io_mismatch_names_the_tensor(art, library):
+    sp = head_plan(trt.make_plan(art, plugin_library=library))
+    io = {"inputs": {**sp.io["inputs"], "qformer_ids": {"shape": ["frames", 8], "dtype": "int32"}},
+          "outputs": sp.io["outputs"]}
+    msg = failed(trt.check_io(dataclasses.replace(sp, io=io), trt.load_graph(art / sp.onnx)))[("head", "io")]
+    assert "qformer_ids: manifest ['frames', 8] int32, graph ['?', '?'] int64" in msg
+
+
+def test_plugin_library_missing_is_built_or_fails_with_the_reason(art, tmp_path, monkeypatch):
+    sp = head_plan(trt.make_plan(art, plugin_library=tmp_path / "none.so"))
+    monkeypatch.setattr(kernels_build, "find_tool", lambda name: f"/opt/{name}")
+    monkeypatch.setattr(kernels_build, "find_tensorrt_include", lambda: tmp_path)
+    check, = trt.check_library(sp)
+    assert check.ok and "missing; build_engines builds it first" in check.message
+
+    def no_nvcc(name):
+        raise kernels_build.BuildError("nvcc not found on PATH")
+    monkeypatch.setattr(kernels_build, "find_tool", no_nvcc)
+    check, = trt.check_library(sp)
+    assert not check.ok and "none.so missing and cannot be built here: nvcc not found on PATH" in check.message
+
+
+# ---- the build ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
+def test_tensorrt_target_without_tensorrt_fails_clearly_and_writes_nothing(art, library, tmp_path, capsys):
+    before = sorted((p, p.stat().st_mtime_ns) for p in art.rglob("*"))
+    assert trt.main(["--artifacts", str(art), "--plugin-library", str(library)]) == 2
+    err = capsys.readouterr().err
+    assert "expected the Python package `tensorrt`, found none" in err and "pip install tensorrt" in err
+    assert "nothing was written" in err
+    assert sorted((p, p.stat().st_mtime_ns) for p in art.rglob("*")) == before
+    with pytest.raises(TensorrtUnavailable, match="python3-libnvinfer"):
+        trt.build_engines(trt.make_plan(art, plugin_library=library))
+    ckpt = art.parent / "ckpt"
+    assert build_mod.main(["--checkpoint", str(ckpt), "--target", "tensorrt", "--out", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t").exists()
+
+
+class FakeTensorRT:
+    """Just enough of the tensorrt module for build_engine's control flow; records what it was told."""
+
+    def __init__(self, parse_errors=(), layers=()):
+        self.calls, self.parse_errors, self.layers = [], list(parse_errors), list(layers)
+
+    def module(self):
+        fake, calls = types.ModuleType("tensorrt"), self.calls
+        fake.__version__ = "10.3.0.26"
+        fake.float32, fake.float16, fake.int64 = "float32", "float16", "int64"
+        for enum, names in (("BuilderFlag", ("FP16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS")),
+                            ("LayerType", ("NORMALIZATION", "SOFTMAX", "REDUCE", "MATRIX_MULTIPLY")),
+                            ("MemoryPoolType", ("WORKSPACE",))):
+            setattr(fake, enum, types.SimpleNamespace(**{n: n for n in names}))
+        rec = lambda name: (lambda *a: calls.append((name, *a)))                    # noqa: E731
+        fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        network = types.SimpleNamespace(num_layers=len(self.layers), get_layer=self.layers.__getitem__)
+        config = types.SimpleNamespace(set_memory_pool_limit=rec("workspace"), add_optimization_profile=rec("profile"),
+                                       set_flag=rec("set_flag"), clear_flag=rec("clear_flag"))
+        builder = types.SimpleNamespace(
+            get_plugin_registry=lambda: types.SimpleNamespace(load_library=rec("load_library")),
+            create_network=lambda flags: network, create_builder_config=lambda: config,
+            create_optimization_profile=lambda: types.SimpleNamespace(set_shape=rec("set_shape")),
+            build_serialized_network=lambda net, cfg: b"ENGINE")
+        fake.Builder = lambda logger: builder
+        errors = self.parse_errors
+        fake.OnnxParser = lambda net, logger: types.SimpleNamespace(
+            parse_from_file=lambda path: not errors, num_errors=len(errors), get_error=errors.__getitem__)
+        return fake
+
+
+def fake_layer(kind, dtype="float32"):
+    layer = types.SimpleNamespace(type=kind, num_outputs=1, precision=None, out=[None],
+                                  get_output=lambda i: types.SimpleNamespace(dtype=dtype))
+    layer.set_output_type = lambda i, t: layer.out.__setitem__(i, t)
+    return layer
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    from kernels import cuda_available
+    monkeypatch.setattr(cuda_available, "cuda_available", lambda: (True, "1 CUDA device(s)"))
+    monkeypatch.setattr(cuda_available, "compute_capability", lambda device=0: 87)
+
+    def install(fake):
+        monkeypatch.setitem(sys.modules, "tensorrt", fake.module())
+    return install
+
+
+def copy_art(art, tmp_path):
+    shutil.copytree(art, tmp_path / "art")
+    return tmp_path / "art"
+
+
+def test_build_prints_every_parser_error_and_leaves_nothing(art, library, tmp_path, fake_gpu):
+    out = copy_art(art, tmp_path)
+    fake_gpu(FakeTensorRT(parse_errors=["In node 3 (Foo): UNSUPPORTED_NODE", "In node 9 (Bar): INVALID_NODE"]))
+    before = sorted(p.name for p in out.iterdir())
+    lines = []
+    with pytest.raises(RuntimeError, match="ONNX parser failed with 2 error"):
+        trt.build_engines(trt.make_plan(out, plugin_library=library), log=lines.append)
+    assert lines == ["[trt] vision.onnx: parser error 1/2: In node 3 (Foo): UNSUPPORTED_NODE",
+                     "[trt] vision.onnx: parser error 2/2: In node 9 (Bar): INVALID_NODE"]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_build_sets_profiles_and_precision_and_records_the_engines(art, library, tmp_path, fake_gpu):
+    out = copy_art(art, tmp_path)
+    norm, mm, shape_reduce = fake_layer("NORMALIZATION"), fake_layer("MATRIX_MULTIPLY"), fake_layer("REDUCE", "int64")
+    fake = FakeTensorRT(layers=[norm, mm, shape_reduce])
+    fake_gpu(fake)
+    plan = trt.make_plan(out, precision="fp16", plugin_library=library)
+    built = trt.build_engines(plan, log=lambda *_: None)
+    assert built == {"tensorrt": "10.3.0.26", "sm": 87}
+    assert (out / "vision.fp16.engine").read_bytes() == b"ENGINE" and not list(out.glob(".*.tmp-*"))
+    assert ("set_shape", "qformer_ids", (1, 1), (64, 32), (64, 256)) in fake.calls
+    assert ("load_library", str(library)) in fake.calls and ("set_flag", "OBEY_PRECISION_CONSTRAINTS") in fake.calls
+    assert (norm.precision, norm.out, mm.precision, shape_reduce.precision) == ("float32", ["float32"], None, None)
+    m = read_manifest(trt.record_engines(plan, built).parent)                    # hashes verified
+    first = m["stages"]["head"]["variants"][0]
+    assert (first["file"], first["backend"], first["source"], first["built_with"]) == (
+        "head.fp16.engine", "tensorrt", "head_trt.onnx", {"tensorrt": "10.3.0.26", "sm": 87})
+    assert first["plugins"][0]["library"] == kernels_build.PLUGIN_LIBRARY
+
+
+# ---- the TensorRT backend's run loop, through stand-ins (host memory for device memory) -------------
+class HostCudart:
+    """cuda-python's runtime calls the backend makes, on host memory."""
+    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0})
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self):
+        self.mem = {}
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaMalloc(self, n):
+        buf = np.zeros(n, np.uint8)
+        self.mem[buf.ctypes.data] = buf
+        return 0, buf.ctypes.data
+
+    def cudaFree(self, ptr):
+        del self.mem[ptr]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+class AffineEngine:
+    """An 'engine' x [F,4] -> y = 2x + 1, profile F in 1..8."""
+    num_io_tensors = 2
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+
+    def get_tensor_name(self, i):
+        return ("x", "y")[i]
+
+    def get_tensor_mode(self, name):
+        return "INPUT" if name == "x" else "OUTPUT"
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 4), (8, 4), (8, 4)]
+
+    def create_execution_context(self):
+        engine, shapes, address = self, {}, {}
+
+        def set_input_shape(name, shape):
+            shapes.update(x=tuple(shape), y=tuple(shape))
+            return 1 <= shape[0] <= 8
+
+        def execute_async_v3(stream):
+            n = 4 * int(np.prod(shapes["x"]))
+            x = engine.cudart.mem[address["x"]][:n].view(np.float32)
+            engine.cudart.mem[address["y"]][:n].view(np.float32)[:] = 2 * x + 1
+            return True
+        return types.SimpleNamespace(set_input_shape=set_input_shape, get_tensor_shape=shapes.__getitem__,
+                                     set_tensor_address=address.__setitem__, execute_async_v3=execute_async_v3)
+
+
+def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
+    from runtime.backends import tensorrt as backend_mod
+    cudart = HostCudart()
+    monkeypatch.setattr(backend_mod, "import_cudart", lambda: cudart)
+    fake_trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="INPUT"), nptype=lambda t: t)
+    backend = types.SimpleNamespace(trt=fake_trt, cuda=backend_mod._Cuda())
+    io = {"inputs": {"x": {"shape": ["frames", 4], "dtype": "float32"}},
+          "outputs": {"y": {"shape": ["frames", 4], "dtype": "float32"}}}
+    stage = backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", io)
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)                       # cast to the engine's float32
+    np.testing.assert_array_equal(stage.run({"x": x})["y"], 2 * x + 1)
+    y = np.empty((8, 4), np.float32)
+    x8 = np.ones((8, 4), np.float32)
+    assert stage.run({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
+    assert len(cudart.mem) == 2
+    with pytest.raises(ValueError, match=r"input x \[9, 4\] is outside the engine's optimisation profile \[\[1, 4\], \[8, 4\], \[8, 4\]\]"):
+        stage.run({"x": np.ones((9, 4), np.float32)})
+    with pytest.raises(ValueError, match=r"expected inputs \['x'\], missing \['x'\]"):
+        stage.run({"z": x8})
+    with pytest.raises(ValueError, match=r"output buffer y must be C-contiguous \[8, 4\], found \[2, 4\]"):
+        stage.run({"x": x8}, outputs={"y": y[:2]})
+    stage.close()
+    assert cudart.mem == {}
+    bad = {**io, "outputs": {"frame_tokens": io["outputs"]["y"]}}
+    with pytest.raises(ValueError, match=r"affine.engine: the engine does not match the manifest: outputs: manifest "
+                                         r"\['frame_tokens'\], engine \['y'\]; rebuild it with python -m export.trt"):
+        backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", bad)
