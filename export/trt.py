@@ -442,16 +442,12 @@ def check_precision(sp: StagePlan, model) -> list[Check]:
     return [Check("precision", sp.stage, True, msg)]
 
 
-def check_stage(plan: EnginePlan, sp: StagePlan, model) -> list[Check]:
-    """Every per-stage check on one loaded graph."""
-    return (check_io(sp, model) + check_ops(sp, model, plan.tensorrt) + check_plugin_nodes(sp, model, plan.tensorrt)
-            + check_library(sp) + check_precision(sp, model))
-
-
 def check_plan(plan: EnginePlan) -> list[Check]:
     out = check_profiles(plan)
     for sp in plan.stages:
-        out += check_stage(plan, sp, load_graph(Path(plan.root) / sp.onnx))
+        model = load_graph(Path(plan.root) / sp.onnx)
+        out += (check_io(sp, model) + check_ops(sp, model, plan.tensorrt) + check_plugin_nodes(sp, model, plan.tensorrt)
+                + check_library(sp) + check_precision(sp, model))
     return out
 
 

@@ -275,10 +275,10 @@ class FakeTensorRT:
         fake, calls = types.ModuleType("tensorrt"), self.calls
         fake.__version__ = "10.3.0.26"
         fake.float32, fake.float16, fake.int64 = "float32", "float16", "int64"
-        for enum, names in (("BuilderFlag", ("FP16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS")),
+        for kind, names in (("BuilderFlag", ("FP16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS")),
                             ("LayerType", ("NORMALIZATION", "SOFTMAX", "REDUCE", "MATRIX_MULTIPLY")),
                             ("MemoryPoolType", ("WORKSPACE",))):
-            setattr(fake, enum, types.SimpleNamespace(**{n: n for n in names}))
+            setattr(fake, kind, types.SimpleNamespace(**{n: n for n in names}))
         rec = lambda name: (lambda *a: calls.append((name, *a)))                    # noqa: E731
         fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
         network = types.SimpleNamespace(num_layers=len(self.layers), get_layer=self.layers.__getitem__)
