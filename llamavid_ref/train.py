@@ -199,10 +199,10 @@ def _checkpoint(model, opt, step, where: Path):
 
 def examples_from_json(model: LlamaVid, json_file: Path, media_root: Path | None, fps: float = 1.0) -> list[Example]:
     """LLaVA-style JSON (image or video field, multi-turn conversations) -> examples with pixels."""
-    from .data.llava_json import load_conversations
+    from .data.llava_json import load_llava_json
     from .video import load_video
     out = []
-    for s in load_conversations(json_file, media_root=media_root):
+    for s in load_llava_json(json_file, media_root=media_root):
         media = None
         if s.media_path is not None:
             media = model.load_media(load_video(s.media_path, fps=fps).frames if s.media_kind == "video"

@@ -90,3 +90,20 @@ def test_evaluation_normalises_and_scores_known_answers():
     assert normalise(" Two.") == "2" and normalise("The Red") == "red" and normalise("left!") == "left"
     r = score([("color", "Red.", "red"), ("color", "blue", "red"), ("count", "three", "3"), ("count", "3", "4")])
     assert r["per_type"] == {"color": 0.5, "count": 0.5} and r["overall"] == 0.5 and r["n"] == 4
+
+
+def test_cli_stage3_on_llava_json_with_rope_scaling(model, tmp_path, capsys):
+    """python -m llamavid_ref.train on a synthetic-world JSON: stage 3 with linear RoPE scaling."""
+    import llamavid_ref
+    from llamavid_ref.data import world
+    world.generate(tmp_path / "w", {"train": 4}, seed=1, workers=1, log=lambda *_: None)
+    llamavid_ref.save(model, tmp_path / "init")
+    T.main(["--stage", "3", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "w/train.json"),
+            "--out", str(tmp_path / "out"), "--batch-size", "2", "--lr", "1e-3", "--rope-scaling", "4"])
+    assert "step 2/2" in capsys.readouterr().out
+    trained = llamavid_ref.load(tmp_path / "out/final")
+    assert trained.config.llm.rope_scaling == 4.0 and trained.config.llm.max_positions == 4 * 512
+    # stage 3 leaves the vision encoder and the vlm_att modules untouched
+    assert torch.equal(trained.vision.pos_embed, model.vision.pos_embed)
+    assert torch.equal(trained.head.key_projector.weight, model.head.key_projector.weight)
+    assert not torch.equal(trained.llm.norm.weight, model.llm.norm.weight)
