@@ -63,6 +63,7 @@ class QFormerConfig:
 @dataclass
 class HeadConfig:
     compress_type: str | None = "mean"    # None (all N patches) | "mean" | "grid:k"
+    tokens: str = "both"                  # "both" (released) | "context" | "content": ablations (paper Table 4)
     projector_type: str = "mlp2x_gelu"    # "linear" | "mlpNx_gelu"
     ln_eps: float = 1e-5                  # vlm_att_ln
 
@@ -113,7 +114,9 @@ class LlamaVidConfig:
 
     @property
     def tokens_per_frame(self) -> int:
-        return 1 + self.head.content_tokens(self.vision.num_patches)
+        context = self.head.tokens in ("both", "context")
+        content = self.head.content_tokens(self.vision.num_patches) if self.head.tokens in ("both", "content") else 0
+        return int(context) + content
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

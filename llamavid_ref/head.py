@@ -84,7 +84,9 @@ class DualTokenHead(nn.Module):
     def forward(self, vision_feats, qformer_ids, qformer_mask):
         """vision_feats [F,N+1,Cv], qformer_ids/mask [F,L] -> frame_tokens [F,n+1,H]."""
         patches = vision_feats[:, 1:]                                             # [F,N,Cv]
-        text_q = self.text_queries(vision_feats, qformer_ids, qformer_mask)       # [F,Q,Cv]
-        ctx = context_attention(text_q, self.key_projector(patches), patches)     # [F,1,Cv]
         content = self.mm_projector(pool_content(patches, self.cfg.compress_type))  # [F,n,H]
-        return torch.cat([self.val_projector(ctx), content], dim=1)              # [F,n+1,H]
+        if self.cfg.tokens == "content":                                          # ablation: no context token
+            return content
+        text_q = self.text_queries(vision_feats, qformer_ids, qformer_mask)       # [F,Q,Cv]
+        ctx = self.val_projector(context_attention(text_q, self.key_projector(patches), patches))  # [F,1,H]
+        return ctx if self.cfg.tokens == "context" else torch.cat([ctx, content], dim=1)  # [F,n+1,H]

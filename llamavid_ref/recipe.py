@@ -81,6 +81,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr0", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=3e-4)
+    ap.add_argument("--head-tokens", default="both", choices=("both", "context", "content"),
+                    help="ablation: which per-frame tokens the LLM gets")
+    ap.add_argument("--compress", default="mean", help="content pooling: mean (n=1) | grid:k (n=k*k)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 measured 3-6x faster than 2 on a 2-core machine with other work)")
     a = ap.parse_args(argv)
@@ -93,6 +96,7 @@ def main(argv=None):
         world.generate(work / "world", counts, seed=a.seed, captions=True)
     clips = {s: world.make_split(s, n, a.seed) for s, n in counts.items()}
     cfg = from_name(a.preset)
+    cfg.head.tokens, cfg.head.compress_type = a.head_tokens, a.compress
     tok, vocab = build_tokenizers(corpus(clips["train"]), work / "tokenizer", cfg.llm.vocab_size, cfg.qformer.vocab_size)
     model = random_init(LlamaVid(cfg), a.seed, std=0.02)
     model.tokenizer = LLMTokenizer(tok, cfg.llm.bos_id, cfg.llm.eos_id)

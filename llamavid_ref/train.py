@@ -97,8 +97,7 @@ def batch_loss(model: LlamaVid, batch: list[Example]) -> torch.Tensor:
     prompts = [e.prompt for e in batch if e.media is not None]
     embeds, amask = model.embed(ids, media, prompts, mask)
     # labels follow the same expansion: each placeholder becomes len(visual tokens) IGNOREs
-    n_vis = [m.shape[0] * model.config.tokens_per_frame if m.dim() == 4 else model.config.tokens_per_frame
-             for m in media]
+    n_vis = [(m.shape[0] if m.dim() == 4 else 1) * model.config.tokens_per_frame for m in media]
     rows, k = [], 0
     for e in batch:
         row = []

@@ -126,3 +126,17 @@ def test_vision_rejects_wrong_resolution():
     vit = EvaViT(dataclasses.replace(from_name("tiny").vision))
     with pytest.raises(ValueError, match=r"expected pixel_values \[F,3,28,28\], found \[2, 3, 32, 32\]"):
         vit(torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("tokens,per_frame", [("both", 2), ("context", 1), ("content", 1)])
+def test_ablation_heads_keep_their_tokens(tokens, per_frame):
+    cfg = from_name("tiny")
+    cfg.head.tokens = tokens
+    model = random_init(LlamaVid(cfg)).eval()
+    both = random_init(LlamaVid(from_name("tiny"))).eval()
+    px, ids = torch.randn(3, 3, 28, 28), torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        out, ref = model.encode_frames(px, ids), both.encode_frames(px, ids)
+    assert cfg.tokens_per_frame == per_frame and out.shape == (3, per_frame, 32)
+    expected = {"both": ref, "context": ref[:, :1], "content": ref[:, 1:]}[tokens]
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
