@@ -187,7 +187,8 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
         files.update(prev["files"])
         if stage in ("vision", "head", "llm"):
             variants[stage] = prev["variants"]
-    manifest = make_manifest(model, name, precision, target, resolved, key, variants, files)
+    source = str(ckpt_root.resolve()) if checkpoint is not None else None
+    manifest = make_manifest(model, name, precision, target, resolved, key, variants, files, source)
     write_manifest(out, manifest)
     log(f"[build] wrote {out / 'manifest.json'}")
     log(plan_table(manifest))
@@ -198,7 +199,7 @@ def _intact(out: Path, files: dict) -> bool:
     return all((out / n).is_file() and sha256(out / n) == h for n, h in files.items())
 
 
-def make_manifest(model, name, precision, target, resolved, key, variants, files) -> dict:
+def make_manifest(model, name, precision, target, resolved, key, variants, files, checkpoint) -> dict:
     cfg = model.config
     form = llm_form(cfg)
     io = stage_io(cfg, "shared" if form == "fused" else "concat")
@@ -218,7 +219,8 @@ def make_manifest(model, name, precision, target, resolved, key, variants, files
                 "kv_heads": cfg.llm.kv_heads, "head_dim": cfg.llm.head_dim, "vocab_size": cfg.llm.vocab_size,
                 "kv_layout": "shared" if form == "fused" else "concat", "embeddings": "llm/embed_tokens.npy"},
         "stages": {s: {**io[s], "variants": variants[s]} for s in ("vision", "head", "llm")},
-        "build": {"precision": precision, "target": target, "resolved_target": resolved, "key": key},
+        "build": {"precision": precision, "target": target, "resolved_target": resolved, "key": key,
+                  "checkpoint": checkpoint},
         "versions": versions(),
         "files": dict(sorted(files.items())),
     }

@@ -42,8 +42,10 @@ class Pipeline:
         self._kv: list[np.ndarray] = []          # shared layout: one [1,kvh,capacity,d] buffer per name
 
     @classmethod
-    def open(cls, root, backend: str | None = None, threads: int | None = None, verify_hashes: bool = True) -> "Pipeline":
-        """Validate root/manifest.json (version, stages, hashes) and open one session per stage."""
+    def open(cls, root, backend: str | None = None, threads: int | None = None, verify_hashes: bool = True,
+             spin: bool = True) -> "Pipeline":
+        """Validate root/manifest.json (version, stages, hashes) and open one session per stage.
+        spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks)."""
         root = Path(root)
         manifest = read_manifest(root, verify_hashes)
         available = [backend] if backend else available_backends()
@@ -53,7 +55,7 @@ class Pipeline:
             if v is None:
                 have = sorted({x["backend"] for x in manifest["stages"][name]["variants"]})
                 raise RuntimeError(f"stage {name}: expected a variant for backend {available}, found only {have}")
-            stages[name] = open_backend(v["backend"], threads).open_stage(root / v["file"])
+            stages[name] = open_backend(v["backend"], threads, spin).open_stage(root / v["file"])
             chosen[name] = v
         return cls(root, manifest, stages, chosen)
 
@@ -147,8 +149,7 @@ class Pipeline:
         if steps <= 0:
             return
         rng = torch.Generator().manual_seed(seed)
-        run = self._run_shared if self.kv_layout == "shared" else self._run_concat
-        logits = run(embeds, P, P + steps)
+        logits = self.llm_step(embeds, P, P + steps)
         step_embed = np.empty((1, 1, embeds.shape[2]), np.float32)
         for i in range(steps):
             token = sample_next(torch.from_numpy(logits[0, -1]), do_sample, temperature, top_p, rng)
@@ -156,7 +157,13 @@ class Pipeline:
             if token == self.eos or i == steps - 1:
                 return
             step_embed[0, 0] = self.embed_table[token]
-            logits = run(step_embed, P + i + 1, P + steps)
+            logits = self.llm_step(step_embed, P + i + 1, P + steps)
+
+    def llm_step(self, embeds: np.ndarray, total: int, capacity: int) -> np.ndarray:
+        """One LLM call: embeds [1,T,H] at positions total-T..total-1 -> logits [1,1,V]. A call with
+        T == total starts a new sequence of at most `capacity` positions."""
+        run = self._run_shared if self.kv_layout == "shared" else self._run_concat
+        return run(embeds, total, capacity)
 
     def _run_shared(self, embeds, total: int, capacity: int) -> np.ndarray:
         """Fused graph: the KV buffers are allocated once per answer and bound as past and present."""

@@ -28,8 +28,8 @@ def choose_variant(variants: list[dict], available: list[str]) -> dict | None:
     return None
 
 
-def open_backend(name: str, threads: int | None = None):
+def open_backend(name: str, threads: int | None = None, spin: bool = True):
     if name in ("ort-cpu", "ort-cuda"):
         from .ort import OrtBackend
-        return OrtBackend(name, threads)
+        return OrtBackend(name, threads, spin)
     raise ValueError(f"backend: expected one of ort-cpu, ort-cuda, found {name!r} (tensorrt comes with export/trt.py)")

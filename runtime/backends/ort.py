@@ -45,13 +45,15 @@ class OrtStage:
 
 
 class OrtBackend:
-    def __init__(self, name: str = "ort-cpu", threads: int | None = None):
-        self.name, self.threads = name, threads
+    def __init__(self, name: str = "ort-cpu", threads: int | None = None, spin: bool = True):
+        self.name, self.threads, self.spin = name, threads, spin
 
     def open_stage(self, path: Path) -> OrtStage:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             so.intra_op_num_threads = self.threads
+        if not self.spin:      # idle worker threads sleep instead of spinning (fair to a neighbour in-process)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(path)
         return OrtStage(ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name]), path)

