@@ -146,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--head-tokens", default="both", choices=("both", "context", "content"),
                     help="ablation: which per-frame tokens the LLM gets")
     ap.add_argument("--compress", default="mean", help="content pooling: mean (n=1) | grid:k (n=k*k)")
+    ap.add_argument("--vision-from", help="take the stage-0 vision encoder from this checkpoint (ablations)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 measured 3-6x faster than 2 on a 2-core machine with other work)")
     a = ap.parse_args(argv)
@@ -166,7 +167,10 @@ def main(argv=None):
     train_ex, train_frames = examples_for(model, work / "world", clips["train"], all_questions=True)
     print(f"{len(train_ex)} training examples from {len(clips['train'])} clips "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-    pretrain_vision(model, train_frames, clips["train"], a.stage0_steps, a.lr0, a.stage0_batch, a.seed)
+    if a.vision_from:
+        model.vision.load_state_dict(checkpoint.load(a.vision_from).vision.state_dict())
+    else:
+        pretrain_vision(model, train_frames, clips["train"], a.stage0_steps, a.lr0, a.stage0_batch, a.seed)
     train(model, train_ex, 2, work / "stage2", lr=a.lr2, epochs=a.stage2_epochs, batch_size=a.batch_size,
           seed=a.seed, save_every=200, max_tokens=cfg.max_token)
     checkpoint.save(model, a.out)
