@@ -29,13 +29,6 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def files_of(path: Path) -> list[Path]:
-    """The .onnx file and its external data file, if any."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
-
-
 def torch_export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names,
                  dynamic_axes: dict) -> Path:
     """TorchScript-based torch.onnx.export (dynamo=False: a plain, stable graph), re-saved by save_model."""

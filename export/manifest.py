@@ -47,7 +47,7 @@ def tensor(shape, dtype: str = "float32") -> dict:
 
 def stage_io(cfg, kv_layout: str) -> dict:
     """Tensor names, symbolic shapes and dtypes of each stage (the ONNX graphs use the same)."""
-    v, q, llm = cfg.vision, cfg.qformer, cfg.llm
+    v, llm = cfg.vision, cfg.llm
     S, N1, Cv, H = v.image_size, v.num_patches + 1, v.width, llm.hidden
     n1 = cfg.tokens_per_frame
     kv_seq = ("max_seq", "max_seq") if kv_layout == "shared" else ("past_seq", "total")

@@ -18,9 +18,9 @@ import llamavid_ref
 
 FP32_REL = 1e-4
 # fp16 (ORT CPU runs fp16 graphs behind Casts): stored weights and activations in half precision.
-FP16_REL = {"vision": 2e-3, "head": 3e-3, "llm": 1e-2}     # measured 6e-4, 9e-4, see below
+FP16_REL = {"vision": 2e-3, "head": 3e-3, "llm": 3e-3}     # measured 6e-4, 9e-4, 9e-4
 # int8 (ORT dynamic quantisation, per-channel weights, per-tensor u8 activations), tiny random weights.
-INT8_REL = {"vision": 5e-2, "head": 1e-1, "llm": 1e-1}
+INT8_REL = {"vision": 5e-2, "head": 1e-1, "llm": 1e-1}   # measured 1.3e-2, 2.5e-2, 3.0e-2
 
 
 def rel(a, b):

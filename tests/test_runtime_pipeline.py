@@ -147,3 +147,14 @@ def test_chat_cli_answers_and_reports_errors(pair, tmp_path, capsys):
     assert "ort-cpu" in out.err
     assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(tmp_path / "none.mp4"), "q"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_chat_cli_interactive_turns(pair, tmp_path, capsys, monkeypatch):
+    pipe, ref = pair
+    video = tmp_path / "v.mp4"
+    write_video(video, np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), fps=1)
+    turns = iter(QUESTIONS[:2] + [""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(video), "--max-new-tokens", "5"]) == 0
+    theirs = Chat(ref, str(video))
+    assert capsys.readouterr().out.splitlines() == [theirs.ask(q, max_new_tokens=5) for q in QUESTIONS[:2]]
