@@ -30,7 +30,7 @@ from .manifest import (FORMAT, MANIFEST_VERSION, hash_files, prompt_section, sha
 from .vision import export_vision
 
 PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
-HEAD_FORM = "folded"      # measured faster than "keys" at the released shapes (docs/BENCHMARKS.md)
+HEAD_FORM = "keys"        # the reference form; "folded" measured no faster at 7B shapes (docs/BENCHMARKS.md)
 STATE = ".build"          # per-stage build records
 
 

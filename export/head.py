@@ -11,7 +11,7 @@
             └─pool(mean | grid:k | none)─> [F,n,Cv] ─mm_projector─> content tokens [F,n,H]
  frame_tokens = cat(context, content) [F,n+1,H]                        scale = 1/sqrt(Cv)
 
-head.onnx holds the chosen standard-op form; head_trt.onnx holds the folded form with the context
+head.onnx holds a standard-op form (build.py: HEAD_FORM); head_trt.onnx holds the folded form with the context
 attention as ONE node for the TensorRT plugin (kernels/context_attention):
     llamavid::ContextAttention(queries [F,Q,C], patches [F,N,C]; scale) -> context [F,1,C]
     attributes plugin_version "1", plugin_namespace "llamavid".
@@ -75,7 +75,7 @@ class ExportHead(nn.Module):
         return torch.cat([h.val_projector(ctx), content], dim=1)                  # [F,n+1,H]
 
 
-def export_head(model, path: Path, form: str = "folded") -> Path:
+def export_head(model, path: Path, form: str = "keys") -> Path:
     """model: llamavid_ref.LlamaVid -> head.onnx (form "keys" or "folded") or head_trt.onnx (form "plugin")."""
     cfg = model.config
     F, L = 2, 5
