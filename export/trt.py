@@ -471,13 +471,8 @@ def describe(plan: EnginePlan, checks: list[Check] | None = None) -> str:
 # ---- the build (TensorRT + a CUDA device) ----------------------------------------------------------
 def require_tensorrt_and_gpu():
     """The tensorrt module, or TensorrtUnavailable saying what is missing and how to get it."""
-    from runtime.backends.tensorrt import TensorrtUnavailable, import_tensorrt
-    from kernels.cuda_available import cuda_available
-    trt = import_tensorrt()
-    ok, reason = cuda_available()
-    if not ok:
-        raise TensorrtUnavailable(f"a TensorRT engine build needs a CUDA device: {reason}")
-    return trt
+    from runtime.backends.tensorrt import require_tensorrt_and_gpu
+    return require_tensorrt_and_gpu("a TensorRT engine build")
 
 
 def build_engine(sp: StagePlan, root: Path, dest: Path, log=print) -> Path:
@@ -548,8 +543,8 @@ def build_engines(plan: EnginePlan, log=print) -> dict:
     """Every stage's engine, written under temporary names and renamed into place only when all
     are built: a failure leaves no engine file and no temporary behind. Returns what built them."""
     from kernels.build import build_plugin
-    from kernels.cuda_available import compute_capability
-    trt = require_tensorrt_and_gpu()
+    from runtime.backends.tensorrt import built_with_here
+    require_tensorrt_and_gpu()
     root = Path(plan.root)
     for lib in {p.library for sp in plan.stages for p in sp.plugins}:
         if not Path(lib).is_file():
@@ -566,7 +561,7 @@ def build_engines(plan: EnginePlan, log=print) -> dict:
     for engine, tmp in tmps.items():
         tmp.replace(root / engine)
         log(f"[trt] wrote {root / engine}")
-    return {"tensorrt": trt.__version__, "sm": compute_capability()}
+    return built_with_here()
 
 
 def engine_variants(plan: EnginePlan, built_with: dict) -> dict:
@@ -579,10 +574,11 @@ def engine_variants(plan: EnginePlan, built_with: dict) -> dict:
 
 
 def record_engines(plan: EnginePlan, built_with: dict) -> Path:
-    """Put the engines first in their stages' variants and in 'files' of manifest.json (rewritten atomically)."""
+    """Put the engines first in their stages' variants and in 'files' of manifest.json (rewritten atomically).
+    The manifest's hashes were verified when the plan was made (or it was just written): not read again."""
     from .manifest import hash_files, read_manifest, write_manifest
     root = Path(plan.root)
-    m = read_manifest(root)
+    m = read_manifest(root, verify_hashes=False)
     for stage, v in engine_variants(plan, built_with).items():
         rest = [x for x in m["stages"][stage]["variants"] if x["file"] != v["file"]]
         m["stages"][stage]["variants"] = [v] + rest

@@ -1,4 +1,5 @@
-"""The ONNX Runtime pipeline: an artifact directory -> answers, driven only by manifest.json.
+"""The pipeline: an artifact directory -> answers, driven only by manifest.json; each stage runs on the
+fastest backend here that the manifest has a variant for (TensorRT engines, ONNX Runtime CUDA or CPU).
 
     media --load/preprocess--> pixel_values [T,3,S,S] --|vision|--> vision_feats [T,N+1,Cv]
     question --Q-Former tokenizer--> ids/mask [T,L] --|head|--> frame_tokens [T,n+1,H]   (frame-major)
@@ -17,17 +18,31 @@ from typing import Iterator
 
 import numpy as np
 
-from export.manifest import read_manifest
+from export.manifest import ManifestError, read_manifest
 
 from .backends import available_backends, choose_variant, open_backend
+from .backends.tensorrt import check_built_with
 
 FRAME_CHUNK = 64          # frames per vision/head call, as the reference
+
+
+def frame_chunk(manifest: dict, chosen: dict) -> int:
+    """Frames per vision/head call: FRAME_CHUNK, or fewer where a chosen engine's optimisation profile
+    stops below it (an engine variant records its profile: input -> min/opt/max shapes)."""
+    limits = [FRAME_CHUNK]
+    for stage in ("vision", "head"):
+        inputs = manifest["stages"][stage]["inputs"]
+        for name, dims in chosen[stage].get("profile", {}).items():
+            if "frames" in inputs[name]["shape"]:
+                limits.append(dims["max"][inputs[name]["shape"].index("frames")])
+    return min(limits)
 
 
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict):
         from llamavid_ref.tokenizer import LLMTokenizer, QFormerTokenizer
         self.root, self.manifest, self.stages, self.chosen = root, manifest, stages, chosen
+        self.frame_chunk = frame_chunk(manifest, chosen)
         m = manifest
         ids = m["special_ids"]
         self.bos, self.eos, self.image_id = ids["bos"], ids["eos"], ids["image"]
@@ -44,18 +59,27 @@ class Pipeline:
     @classmethod
     def open(cls, root, backend: str | None = None, threads: int | None = None, verify_hashes: bool = True,
              spin: bool = True) -> "Pipeline":
-        """Validate root/manifest.json (version, stages, hashes) and open one session per stage.
+        """Validate root/manifest.json (version, stages, hashes) and open each stage on the first backend
+        (fastest first, or `backend`) that runs one of its variants, checked against the manifest's tensors;
+        an engine built by another TensorRT or for another GPU is refused.
         spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks)."""
         root = Path(root)
         manifest = read_manifest(root, verify_hashes)
         available = [backend] if backend else available_backends()
-        stages, chosen = {}, {}
+        stages, chosen, backends = {}, {}, {}
         for name in ("vision", "head", "llm"):
             v = choose_variant(manifest["stages"][name]["variants"], available)
             if v is None:
                 have = sorted({x["backend"] for x in manifest["stages"][name]["variants"]})
                 raise RuntimeError(f"stage {name}: expected a variant for backend {available}, found only {have}")
-            stages[name] = open_backend(v["backend"], threads, spin).open_stage(root / v["file"])
+            try:
+                if "built_with" in v:
+                    check_built_with(root / v["file"], v["built_with"])
+                if v["backend"] not in backends:              # one backend object (one CUDA stream) per backend
+                    backends[v["backend"]] = open_backend(v["backend"], threads, spin)
+                stages[name] = backends[v["backend"]].open_stage(root / v["file"], io=manifest["stages"][name])
+            except ValueError as e:
+                raise ManifestError(f"artifacts {root}: stage {name}: {e}") from e
             chosen[name] = v
         return cls(root, manifest, stages, chosen)
 
@@ -94,8 +118,8 @@ class Pipeline:
         """[T,3,S,S] + one Q-Former prompt -> [T*(n+1),H], frame-major (ctx0, cont0, ctx1, ...)."""
         ids, mask = (t.numpy() for t in self.qformer_tokenizer([qformer_prompt]))          # [1,L]
         out = []
-        for i in range(0, len(pixel_values), FRAME_CHUNK):
-            px = pixel_values[i:i + FRAME_CHUNK]
+        for i in range(0, len(pixel_values), self.frame_chunk):
+            px = pixel_values[i:i + self.frame_chunk]
             feats = self.stages["vision"].run({"pixel_values": px})["vision_feats"]
             F = len(px)
             out.append(self.stages["head"].run({"vision_feats": feats, "qformer_ids": np.repeat(ids, F, 0),

@@ -1,6 +1,9 @@
 """The ONNX Runtime pipeline end to end against the reference on tiny models: identical greedy tokens
 (fused and plain decoders), identical seeded sampling, streaming, multi-turn chat, the chat CLI, and
-every bad input with a clear error."""
+every bad input with a clear error (a graph whose tensors are not the manifest's included)."""
+import json
+import shutil
+
 import av
 import numpy as np
 import pytest
@@ -126,13 +129,31 @@ def test_question_that_does_not_fit_the_context(pair):
 
 
 def test_open_refuses_a_modified_artifact_dir(pair, tmp_path):
-    import shutil
     pipe, _ = pair
     out = tmp_path / "art"
     shutil.copytree(pipe.root, out)
     with open(out / "vision.onnx", "ab") as f:
         f.write(b"x")
     with pytest.raises(ManifestError, match="file vision.onnx was modified: expected sha256"):
+        Pipeline.open(out)
+
+
+def test_open_refuses_a_graph_whose_tensors_are_not_the_manifests(pair, tmp_path):
+    pipe, _ = pair
+    out = tmp_path / "art"
+    shutil.copytree(pipe.root, out)
+    m = json.loads((out / "manifest.json").read_text())            # manifest.json itself has no hash
+    vision = m["stages"]["vision"]
+    vision["inputs"] = {"pixels": vision["inputs"]["pixel_values"]}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"stage vision: vision.onnx: the graph does not match the manifest: inputs "
+                                            r"\['pixels'\] in the manifest, not in the graph; inputs \['pixel_values'\] "
+                                            r"in the graph, not in the manifest; rebuild the directory"):
+        Pipeline.open(out)
+    vision["inputs"] = {"pixel_values": vision["inputs"]["pixels"]}
+    m["stages"]["head"]["inputs"]["qformer_ids"]["dtype"] = "int32"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="stage head: head.onnx: .*: qformer_ids: manifest dtype int32, graph int64"):
         Pipeline.open(out)
 
 

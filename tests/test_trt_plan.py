@@ -2,8 +2,9 @@
 for the released 7B video shapes (profiles from the preset, ops from a narrow model of the same graph
 structure); each check fails with a clear message on a broken input; the engine build's control flow
 (every parser error printed, temp names, nothing half-built) through a stand-in tensorrt module;
-without TensorRT the build fails clearly and writes nothing; and the TensorRT backend's run loop
-(buffers, copies, profile and manifest errors) through a stand-in engine on host memory."""
+without TensorRT the build fails clearly and writes nothing; the TensorRT backend's run loop
+(buffers, copies, profile and manifest errors) through a stand-in engine on host memory; and the runtime
+wiring: tensorrt first, engines only, engines built elsewhere refused, frames chunked by their profile."""
 import ctypes
 import dataclasses
 import enum
@@ -20,13 +21,15 @@ import llamavid_ref
 from export import build as build_mod
 from export import trt
 from export.head import PLUGIN, export_head
-from export.manifest import read_manifest, stage_io
+from export.manifest import ManifestError, read_manifest, stage_io
 from export.vision import export_vision
 from kernels import build as kernels_build
 from llamavid_ref.config import LLMConfig, from_name
 from llamavid_ref.model import LlamaVid
 from llamavid_ref.tiny import random_init, tiny_model
+from runtime.backends import available_backends, choose_variant
 from runtime.backends.tensorrt import TensorrtUnavailable
+from runtime.pipeline import FRAME_CHUNK, Pipeline, frame_chunk
 
 RELEASED = "llama-vid-7b-full-224-video-fps-1"
 
@@ -438,6 +441,50 @@ def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
     stage.close()
     assert cudart.mem == {}
     bad = {**io, "outputs": {"frame_tokens": io["outputs"]["y"]}}
-    with pytest.raises(ValueError, match=r"affine.engine: the engine does not match the manifest: outputs: manifest "
-                                         r"\['frame_tokens'\], engine \['y'\]; rebuild it with python -m export.trt"):
+    with pytest.raises(ValueError, match=r"affine.engine: the engine does not match the manifest: outputs "
+                                         r"\['frame_tokens'\] in the manifest, not in the engine; outputs \['y'\] in "
+                                         r"the engine, not in the manifest; rebuild it with python -m export.trt"):
         backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", bad)
+
+
+# ---- wired into the runtime (stand-in tensorrt and GPU) ---------------------------------------------------
+def test_backends_put_tensorrt_first_and_run_only_engines(fake_gpu, monkeypatch):
+    from kernels import cuda_available
+    from runtime.backends import tensorrt as backend_mod
+    fake_gpu(FakeTensorRT())
+    monkeypatch.setattr(backend_mod, "import_cudart", HostCudart)
+    assert available_backends()[0] == "tensorrt"
+    monkeypatch.setattr(cuda_available, "cuda_available", lambda: (False, "no device"))
+    assert "tensorrt" not in available_backends()
+    source, ort_cpu = {"file": "head_trt.onnx", "backend": "tensorrt"}, {"file": "head.onnx", "backend": "ort-cpu"}
+    engine = {"file": "head.fp16.engine", "backend": "tensorrt"}
+    assert choose_variant([source, ort_cpu], ["tensorrt", "ort-cpu"]) is ort_cpu
+    assert choose_variant([source, ort_cpu, engine], ["tensorrt", "ort-cpu"]) is engine
+    assert choose_variant([source], ["tensorrt"]) is None
+
+
+def test_pipeline_refuses_engines_built_by_another_tensorrt_or_for_another_gpu(art, library, tmp_path, fake_gpu, monkeypatch):
+    from kernels import cuda_available
+    out = copy_art(art, tmp_path)
+    fake_gpu(FakeTensorRT())
+    plan = trt.make_plan(out, plugin_library=library)
+    trt.record_engines(plan, trt.build_engines(plan, log=lambda *_: None))          # TensorRT 10.3.0.26, sm 87
+    monkeypatch.setattr(cuda_available, "compute_capability", lambda device=0: 80)
+    with pytest.raises(ManifestError, match=r"stage vision: vision.fp32.engine was built with TensorRT 10.3.0.26 for "
+                                            r"sm_87, this machine has TensorRT 10.3.0.26 and sm_80: rebuild the engines "
+                                            r"here \(python -m export.trt --artifacts .*\) or open the pipeline with "
+                                            r"backend='ort-cuda' or 'ort-cpu'"):
+        Pipeline.open(out, backend="tensorrt")
+    monkeypatch.setattr(cuda_available, "compute_capability", lambda device=0: 87)
+    sys.modules["tensorrt"].__version__ = "10.7.0.23"
+    with pytest.raises(ManifestError, match="this machine has TensorRT 10.7.0.23 and sm_87"):
+        Pipeline.open(out, backend="tensorrt")
+    assert Pipeline.open(out, backend="ort-cpu").chosen["head"]["file"] == "head.onnx"
+
+
+def test_frames_are_chunked_by_an_engine_profile_below_the_runtime_chunk(art, library):
+    m = read_manifest(art)
+    engines = trt.engine_variants(trt.make_plan(art, max_frames=16, plugin_library=library), {"tensorrt": "10.3", "sm": 87})
+    onnx_only = {s: m["stages"][s]["variants"][0] for s in ("vision", "head")}
+    assert frame_chunk(m, onnx_only) == FRAME_CHUNK
+    assert frame_chunk(m, {**onnx_only, "head": engines["head"]}) == 16

@@ -1,35 +1,76 @@
 """Backends run one stage on named numpy buffers:
 
-    stage = backend.open_stage(path)                       # one ONNX file (or engine)
-    out = stage.run({name: array}, outputs={name: array})  # preallocated outputs are written in place
+    stage = backend.open_stage(path, io=manifest["stages"][name])   # an ONNX file or an engine, its tensor
+                                                                    # names and dtypes checked against io
+    out = stage.run({name: array}, outputs={name: array})            # preallocated outputs are written in place
 
-The manifest lists each stage's variants in order of preference; the pipeline takes the first whose
-backend this machine has.
+The manifest lists each stage's variants in order of preference; the pipeline takes the first that a
+backend of this machine runs (fastest backend first). The tensorrt backend runs engines only: a
+tensorrt variant that is an ONNX graph (head_trt.onnx) is an engine's source, not something to run.
 """
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import BACKENDS
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT, cuda-python and a CUDA device: all that TensorrtBackend() needs."""
+    from .tensorrt import TensorrtUnavailable, import_cudart, require_tensorrt_and_gpu
+    try:
+        require_tensorrt_and_gpu("the tensorrt backend")
+        import_cudart()
+    except TensorrtUnavailable:
+        return False
+    return True
 
 
 def available_backends() -> list[str]:
     """Backend names usable here, fastest first."""
     import onnxruntime as ort
-    names = []
+    names = ["tensorrt"] if tensorrt_usable() else []
     if "CUDAExecutionProvider" in ort.get_available_providers():
         names.append("ort-cuda")
     names.append("ort-cpu")
     return names
 
 
+def runs(backend: str, variant: dict) -> bool:
+    """Whether `backend` runs this variant: its backend, and for tensorrt a serialized engine."""
+    return variant["backend"] == backend and (backend != "tensorrt" or variant["file"].endswith(".engine"))
+
+
 def choose_variant(variants: list[dict], available: list[str]) -> dict | None:
-    """The first variant (manifest order) whose backend is available, trying backends fastest first."""
-    for backend in available:
-        for v in variants:
-            if v["backend"] == backend:
-                return v
-    return None
+    """The first variant (manifest order) that an available backend runs, trying backends fastest first."""
+    return next((v for backend in available for v in variants if runs(backend, v)), None)
 
 
 def open_backend(name: str, threads: int | None = None, spin: bool = True):
     if name in ("ort-cpu", "ort-cuda"):
         from .ort import OrtBackend
         return OrtBackend(name, threads, spin)
-    raise ValueError(f"backend: expected one of ort-cpu, ort-cuda, found {name!r} (tensorrt comes with export/trt.py)")
+    if name == "tensorrt":
+        from .tensorrt import TensorrtBackend
+        return TensorrtBackend()
+    raise ValueError(f"backend: expected one of {list(BACKENDS)}, found {name!r}")
+
+
+def check_io(path: Path, io: dict, found: dict, what: str, fix: str):
+    """Raise ValueError unless a graph's or engine's tensors (found: {"inputs"|"outputs": {name: numpy dtype}})
+    are the manifest's (io: the stage entry, {"inputs"|"outputs": {name: {"shape", "dtype"}}}): same names,
+    same dtypes. The message names each differing tensor, what the manifest expects and what was found."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        want, have = io[kind], found[kind]
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        if missing:
+            problems.append(f"{kind} {missing} in the manifest, not in the {what}")
+        if extra:
+            problems.append(f"{kind} {extra} in the {what}, not in the manifest")
+        problems += [f"{n}: manifest dtype {t['dtype']}, {what} {have[n]}" for n, t in want.items()
+                     if n in have and np.dtype(t["dtype"]) != have[n]]
+    if problems:
+        raise ValueError(f"{Path(path).name}: the {what} does not match the manifest: {'; '.join(problems)}; {fix}")

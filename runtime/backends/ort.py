@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import check_io
+
 _PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"], "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -48,7 +50,8 @@ class OrtBackend:
     def __init__(self, name: str = "ort-cpu", threads: int | None = None, spin: bool = True):
         self.name, self.threads, self.spin = name, threads, spin
 
-    def open_stage(self, path: Path) -> OrtStage:
+    def open_stage(self, path: Path, io: dict | None = None) -> OrtStage:
+        """path: an ONNX graph; io: the manifest's stage entry ({"inputs", "outputs"}) to check it against."""
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
@@ -56,4 +59,15 @@ class OrtBackend:
         if not self.spin:      # idle worker threads sleep instead of spinning (fair to a neighbour in-process)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(path)
-        return OrtStage(ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name]), path)
+        stage = OrtStage(ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name]), path)
+        if io is not None:
+            found = {kind: {t.name: _numpy_dtype(t.type) for t in tensors}
+                     for kind, tensors in (("inputs", stage.session.get_inputs()), ("outputs", stage.session.get_outputs()))}
+            check_io(path, io, found, "graph", "rebuild the directory with python -m export.build")
+        return stage
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    """ORT's type string ('tensor(float)', 'tensor(int64)', ...) -> numpy dtype."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return np.dtype({"float": "float32", "double": "float64"}.get(name, name))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import check_io
+
 INSTALL_TENSORRT = ("get TensorRT 10.x with its Python bindings: JetPack on Jetson (apt-get install "
                     "python3-libnvinfer), `pip install tensorrt` where NVIDIA's package index is reachable "
                     "(PyPI's tensorrt packages only download from there), or an NGC TensorRT container")
@@ -34,6 +36,34 @@ def import_tensorrt():
     except (ImportError, OSError) as e:           # bindings without libnvinfer, or a broken install
         raise TensorrtUnavailable(f"TensorRT: `import tensorrt` failed ({e}); {INSTALL_TENSORRT}") from None
     return tensorrt
+
+
+def require_tensorrt_and_gpu(purpose: str):
+    """The tensorrt module, or TensorrtUnavailable saying what is missing (TensorRT or a CUDA device) and
+    how to get it; purpose: what needs them, for the message."""
+    from kernels.cuda_available import cuda_available
+    trt = import_tensorrt()
+    ok, reason = cuda_available()
+    if not ok:
+        raise TensorrtUnavailable(f"{purpose} needs a CUDA device: {reason}")
+    return trt
+
+
+def built_with_here() -> dict:
+    """What an engine built on this machine records as built_with: the TensorRT version and the GPU's SM."""
+    from kernels.cuda_available import compute_capability
+    return {"tensorrt": require_tensorrt_and_gpu("a TensorRT engine").__version__, "sm": compute_capability()}
+
+
+def check_built_with(path: Path, built_with: dict):
+    """Refuse an engine built by another TensorRT version or for another GPU architecture (TensorRT engines
+    run only where they were built unless built version- or hardware-compatible, which export/trt.py does not)."""
+    here = built_with_here()
+    if {k: built_with.get(k) for k in here} != here:
+        raise ValueError(f"{path.name} was built with TensorRT {built_with.get('tensorrt')} for sm_{built_with.get('sm')}, "
+                         f"this machine has TensorRT {here['tensorrt']} and sm_{here['sm']}: rebuild the engines here "
+                         f"(python -m export.trt --artifacts {path.parent}) or open the pipeline with backend='ort-cuda' "
+                         f"or 'ort-cpu'")
 
 
 def import_cudart():
@@ -77,20 +107,9 @@ class TensorrtStage:
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._buffers: dict[str, tuple[int, int]] = {}          # name -> (device pointer, bytes)
         if io is not None:
-            self._check_io(io)
-
-    def _check_io(self, io: dict):
-        """The engine's tensors against the manifest's names and dtypes."""
-        problems = []
-        for kind, names in (("inputs", self.input_names), ("outputs", self.output_names)):
-            if sorted(names) != sorted(io[kind]):
-                problems.append(f"{kind}: manifest {sorted(io[kind])}, engine {sorted(names)}")
-                continue
-            problems += [f"{n}: manifest dtype {t['dtype']}, engine {self.dtypes[n]}" for n, t in io[kind].items()
-                         if np.dtype(t["dtype"]) != self.dtypes[n]]
-        if problems:
-            raise ValueError(f"{self.path.name}: the engine does not match the manifest: {'; '.join(problems)}; "
-                             f"rebuild it with python -m export.trt")
+            found = {kind: {n: self.dtypes[n] for n in names}
+                     for kind, names in (("inputs", self.input_names), ("outputs", self.output_names))}
+            check_io(path, io, found, "engine", "rebuild it with python -m export.trt")
 
     def _device(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))
@@ -145,11 +164,7 @@ class TensorrtBackend:
         """plugin_library: the ContextAttention plugin (default build/kernels/libllamavid_trt_plugins.so);
         loaded when present, needed by engines holding the plugin."""
         from kernels.build import DEFAULT_OUT, PLUGIN_LIBRARY
-        from kernels.cuda_available import cuda_available
-        self.trt = import_tensorrt()
-        ok, reason = cuda_available()
-        if not ok:
-            raise TensorrtUnavailable(f"the tensorrt backend needs a CUDA device: {reason}")
+        self.trt = require_tensorrt_and_gpu("the tensorrt backend")
         self.cuda = _Cuda()                                   # one stream for every stage
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
