@@ -1,8 +1,12 @@
 """python -m export.build: checkpoint -> artifacts/<model-name>/ (ONNX stages + manifest.json).
 
-    load(checkpoint) -> [tokenizers] -> [vision] -> [head] -> [llm] -> manifest.json (written last)
+    load(checkpoint) -> [tokenizers] -> [vision] -> [head] -> [llm] -> manifest.json
+        --target tensorrt (or auto, with TensorRT and a CUDA device here) -> [engines] -> manifest.json again
     each stage: build key = sha256(checkpoint files, options, exporter sources, versions);
                 unchanged key + intact files -> skipped; else written in .staging/ and moved in place.
+    engines:    export/trt.py's plan (checked on CPU first) -> vision/head engines, listed first in their
+                stages' variants; key = sha256(source ONNX files, plan, TensorRT version, GPU SM), so a
+                re-run with the same key keeps the engines. Until then manifest.json lists the ONNX stages.
 
 What "precision" means per backend (the manifest records it per variant; the table printed at the
 end says what runs here):
@@ -20,9 +24,10 @@ import importlib.metadata
 import json
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from . import common
+from . import common, trt
 from .head import PLUGIN, export_head
 from .llm import export_llm, save_embeddings
 from .manifest import (FORMAT, MANIFEST_VERSION, hash_files, prompt_section, sha256, stage_io,
@@ -38,12 +43,15 @@ class BuildError(RuntimeError):
     """The build cannot go on; nothing of the failing stage is left in the output directory."""
 
 
-def tensorrt_available() -> bool:
+def tensorrt_missing() -> str | None:
+    """Why TensorRT engines cannot be built here (TensorRT or a CUDA device missing, and how to get
+    them), or None."""
+    from runtime.backends.tensorrt import TensorrtUnavailable
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        trt.require_tensorrt_and_gpu()
+    except TensorrtUnavailable as e:
+        return str(e)
+    return None
 
 
 def versions() -> dict:
@@ -98,17 +106,20 @@ def stage_vision(model, d: Path, precision: str) -> list[dict]:
     return _variants("vision", "vision.onnx", d, precision, d / "vision.onnx")
 
 
+def plugin_record(cfg) -> dict:
+    """The manifest's record of head_trt.onnx's ContextAttention node (export/trt.py checks the node against it)."""
+    return {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"], "scale": cfg.vision.width ** -0.5}
+
+
 def stage_head(model, d: Path, precision: str) -> list[dict]:
     export_head(model, d / "head.onnx", HEAD_FORM)
     export_head(model, d / "head_trt.onnx", "plugin")
     out = _variants("head", "head.onnx", d, precision, d / "head.onnx")
     for v in out:
         v["form"] = HEAD_FORM
-    trt = {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "form": "plugin",
-           "plugin": {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"],
-                      "scale": model.config.vision.width ** -0.5},
-           "note": "engine built by export/trt.py where TensorRT exists"}
-    return out + [trt]
+    source = {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "form": "plugin",
+              "plugin": plugin_record(model.config), "note": "engine built by export/trt.py where TensorRT exists"}
+    return out + [source]
 
 
 def stage_llm(model, d: Path, precision: str) -> list[dict]:
@@ -134,16 +145,20 @@ STEPS = [("tokenizers", stage_tokenizers), ("vision", stage_vision), ("head", st
 
 
 # ---- the build ------------------------------------------------------------------------------------
-def resolve_target(target: str) -> str:
+def resolve_target(target: str, log=print) -> str:
+    """ort, or tensorrt (ONNX stages + engines) where TensorRT and a CUDA device are; auto says which and why."""
     if target not in TARGETS:
         raise BuildError(f"--target: expected one of {TARGETS}, found {target!r}")
-    if target == "tensorrt" and not tensorrt_available():
-        raise BuildError("--target tensorrt: expected the TensorRT Python package (import tensorrt), found none "
-                         "on this machine; nothing was written. Build with --target ort here, or run on a "
-                         "machine with TensorRT")
+    if target == "ort":
+        return target
+    missing = tensorrt_missing()
+    if target == "tensorrt" and missing:
+        raise BuildError(f"--target tensorrt: {missing}; nothing was written. Build with --target ort here, or run "
+                         f"on a machine with TensorRT and a CUDA device")
     if target == "auto":
-        return "tensorrt" if tensorrt_available() else "ort"
-    return target
+        log("[build] --target auto: " + (f"ort, no TensorRT engines ({missing})" if missing
+                                         else "tensorrt (TensorRT and a CUDA device are here)"))
+    return "ort" if missing else "tensorrt"
 
 
 def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "auto", log=print) -> Path:
@@ -151,7 +166,7 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     from llamavid_ref.checkpoint import DEFAULT_MODEL_DIR
     if precision not in PRECISIONS:
         raise BuildError(f"--precision: expected one of {PRECISIONS}, found {precision!r}")
-    resolved = resolve_target(target)
+    resolved = resolve_target(target, log)
     ckpt_root = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL_DIR
     name = ckpt_root.resolve().name if checkpoint is not None else "llamavid-default"
     out = Path(out) if out is not None else Path("artifacts") / name
@@ -162,9 +177,8 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     (out / STATE).mkdir(exist_ok=True)
     variants, files = {}, {}
     for i, (stage, fn) in enumerate(STEPS, 1):
-        record = out / STATE / f"{stage}.json"
-        prev = json.loads(record.read_text()) if record.is_file() else None
-        if prev and prev["key"] == key and _intact(out, prev["files"]):
+        prev = _unchanged(out, stage, key)
+        if prev:
             log(f"[build] {i}/{len(STEPS)} {stage}: unchanged, skipped")
         else:
             log(f"[build] {i}/{len(STEPS)} {stage}: exporting ...")
@@ -181,8 +195,7 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
                 (out / n).parent.mkdir(parents=True, exist_ok=True)
                 (staging / n).replace(out / n)
             shutil.rmtree(staging)
-            prev = {"key": key, "files": hash_files(out, names), "variants": stage_variants}
-            record.write_text(json.dumps(prev, indent=1))
+            prev = _record(out, stage, {"key": key, "files": hash_files(out, names), "variants": stage_variants})
             log(f"[build] {i}/{len(STEPS)} {stage}: wrote {', '.join(sorted(names))}")
         files.update(prev["files"])
         if stage in ("vision", "head", "llm"):
@@ -190,9 +203,60 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     source = str(ckpt_root.resolve()) if checkpoint is not None else None
     manifest = make_manifest(model, name, precision, target, resolved, key, variants, files, source)
     write_manifest(out, manifest)
+    if resolved == "tensorrt":
+        manifest = step_engines(out, manifest, log)
     log(f"[build] wrote {out / 'manifest.json'}")
     log(plan_table(manifest))
     return out
+
+
+def step_engines(out: Path, manifest: dict, log=print) -> dict:
+    """The vision and head engines (export/trt.py, default limits: what the runtime asks for), recorded in
+    manifest.json; skipped, the recorded engines kept, while engines_key is unchanged. -> the new manifest."""
+    plan = trt.make_plan(out, manifest)
+    checks = trt.check_plan(plan)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise BuildError(f"TensorRT engine plan: {len(failed)} check(s) failed, no engine built (manifest.json "
+                         f"lists the ONNX stages):\n{trt.describe(plan, failed)}\nfor other profile limits or an int8 "
+                         f"calibration cache: python -m export.trt --artifacts {out} --max-frames N --max-text N "
+                         f"--calibration-cache FILE")
+    key = engines_key(plan, manifest)
+    prev = _unchanged(out, "engines", key)
+    if prev:
+        log("[build] engines: unchanged, skipped")
+    else:
+        log(f"[build] engines: building {', '.join(sp.engine for sp in plan.stages)} ...")
+        try:
+            built_with = trt.build_engines(plan, log=log)
+        except RuntimeError as e:
+            raise BuildError(f"TensorRT engine build: {e} (manifest.json lists the ONNX stages)") from e
+        prev = _record(out, "engines", {"key": key, "files": hash_files(out, [sp.engine for sp in plan.stages]),
+                                        "built_with": built_with})
+    return json.loads(trt.record_engines(plan, prev["built_with"]).read_text())
+
+
+def engines_key(plan, manifest: dict) -> str:
+    """What the engines depend on: their source ONNX files (with external weights), the plan without its
+    directory, and what builds them (TensorRT version, GPU SM)."""
+    from runtime.backends.tensorrt import built_with_here
+    sources = {n: manifest["files"][n] for sp in plan.stages for n in (sp.onnx, sp.onnx + ".data")
+               if n in manifest["files"]}
+    plan_fields = {k: v for k, v in asdict(plan).items() if k != "root"}
+    text = json.dumps([sources, plan_fields, built_with_here()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _unchanged(out: Path, step: str, key: str) -> dict | None:
+    """The step's build record when it was built with `key` and its files are intact, else None."""
+    path = out / STATE / f"{step}.json"
+    prev = json.loads(path.read_text()) if path.is_file() else None
+    return prev if prev and prev["key"] == key and _intact(out, prev["files"]) else None
+
+
+def _record(out: Path, step: str, record: dict) -> dict:
+    (out / STATE / f"{step}.json").write_text(json.dumps(record, indent=1))
+    return record
 
 
 def _intact(out: Path, files: dict) -> bool:
@@ -228,13 +292,14 @@ def make_manifest(model, name, precision, target, resolved, key, variants, files
 
 def plan_table(manifest: dict, available=None) -> str:
     """Markdown table: every variant, and which one runs here (first runnable backend in order)."""
-    from runtime.backends import available_backends, choose_variant
+    from runtime.backends import available_backends, choose_variant, runs
     available = available or available_backends()
     rows = ["| stage | file | precision | backend | runs here |", "|---|---|---|---|---|"]
     for stage, entry in manifest["stages"].items():
         chosen = choose_variant(entry["variants"], available)
         for v in entry["variants"]:
-            mark = "yes" if v is chosen else ("no: backend not on this machine" if v["backend"] not in available else "")
+            mark = ("yes" if v is chosen else "no: backend not on this machine" if v["backend"] not in available
+                    else "no: an engine's ONNX source" if not runs(v["backend"], v) else "")
             rows.append(f"| {stage} | {v['file']} | {v['precision']} | {v['backend']} | {mark} |")
     return "\n".join(rows) + f"\n(backends on this machine: {', '.join(available)})"
 

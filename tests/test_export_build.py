@@ -1,8 +1,11 @@
-"""python -m export.build on tiny checkpoints: manifest contents, skipping unchanged stages, the
-TensorRT target without TensorRT, and the manifest reader's errors."""
+"""python -m export.build on tiny checkpoints: manifest contents, every ONNX variant's tensors as the
+manifest says, skipping unchanged stages, the TensorRT and auto targets without TensorRT or a CUDA
+device, and the manifest reader's errors."""
 import dataclasses
 import json
 import shutil
+import sys
+import types
 
 import pytest
 
@@ -12,6 +15,7 @@ from export.build import BuildError, build
 from export.manifest import MANIFEST_VERSION, ManifestError, read_manifest
 from llamavid_ref.config import from_name
 from llamavid_ref.tiny import tiny_model
+from runtime.backends.ort import OrtBackend
 
 
 def tiny_checkpoint(root, fused: bool, seed: int = 3):
@@ -26,6 +30,15 @@ def tiny_checkpoint(root, fused: bool, seed: int = 3):
 
 def quiet(*_):
     pass
+
+
+def open_onnx_variants(art):
+    """Open every variant ORT runs with its tensors checked against the manifest (fp16 and int8 graphs
+    keep fp32 inputs and outputs)."""
+    m = read_manifest(art)
+    opened = [OrtBackend("ort-cpu").open_stage(art / v["file"], io=entry)
+              for entry in m["stages"].values() for v in entry["variants"] if v["backend"] != "tensorrt"]
+    assert opened
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +72,7 @@ def test_manifest_is_the_contract(built):
                  "llm/decoder.fp16.onnx", "llm/embed_tokens.npy", "tokenizer/tokenizer.json"):
         assert len(m["files"][name]) == 64
     assert set(m["versions"]) == {"package", "onnx", "onnxruntime", "torch"}
+    open_onnx_variants(art)
 
 
 def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(built, tmp_path):
@@ -79,6 +93,7 @@ def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(built, tmp_path):
     build(ckpt, "int8", out, "auto", log=lines.append)
     assert sum("exporting" in line for line in lines) == 4
     assert read_manifest(out)["stages"]["vision"]["variants"][0]["precision"] == "int8"
+    open_onnx_variants(out)
 
 
 def test_plan_table_says_what_runs_where(built):
@@ -86,15 +101,42 @@ def test_plan_table_says_what_runs_where(built):
     table = build_mod.plan_table(read_manifest(art), ["ort-cpu"])
     assert "| vision | vision.onnx | fp32 | ort-cpu | yes |" in table
     assert "| vision | vision.fp16.onnx | fp16 | ort-cuda | no: backend not on this machine |" in table
+    table = build_mod.plan_table(read_manifest(art), ["tensorrt", "ort-cpu"])
+    assert "| head | head_trt.onnx | fp16 | tensorrt | no: an engine's ONNX source |" in table
+    assert "| head | head.onnx | fp32 | ort-cpu | yes |" in table
 
 
-def test_tensorrt_target_without_tensorrt_writes_nothing(built, tmp_path, monkeypatch):
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)          # import tensorrt -> ModuleNotFoundError
+
+
+def test_tensorrt_target_without_tensorrt_writes_nothing(built, tmp_path, no_tensorrt):
     ckpt, _ = built
-    monkeypatch.setattr(build_mod, "tensorrt_available", lambda: False)
-    with pytest.raises(BuildError, match="expected the TensorRT Python package .* found none .* nothing was written"):
+    with pytest.raises(BuildError, match="--target tensorrt: TensorRT: expected the Python package `tensorrt`, found "
+                                         "none; get TensorRT .*nothing was written"):
         build(ckpt, "fp16", tmp_path / "trt", "tensorrt", log=quiet)
     assert not (tmp_path / "trt").exists()
     assert build_mod.main(["--checkpoint", str(ckpt), "--target", "tensorrt", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_auto_target_is_tensorrt_only_with_tensorrt_and_a_cuda_device(monkeypatch, no_tensorrt):
+    from kernels import cuda_available
+    lines = []
+    assert build_mod.resolve_target("auto", lines.append) == "ort"
+    assert lines[-1].startswith("[build] --target auto: ort, no TensorRT engines (TensorRT: expected the Python "
+                                "package `tensorrt`, found none") and "pip install tensorrt" in lines[-1]
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.26"))
+    monkeypatch.setattr(cuda_available, "cuda_available", lambda: (False, "cudaErrorNoDevice (100): no device"))
+    assert build_mod.resolve_target("auto", lines.append) == "ort"
+    assert lines[-1] == ("[build] --target auto: ort, no TensorRT engines (a TensorRT engine build needs a CUDA "
+                         "device: cudaErrorNoDevice (100): no device)")
+    with pytest.raises(BuildError, match="--target tensorrt: a TensorRT engine build needs a CUDA device"):
+        build_mod.resolve_target("tensorrt", lines.append)
+    monkeypatch.setattr(cuda_available, "cuda_available", lambda: (True, "1 CUDA device(s)"))
+    assert build_mod.resolve_target("auto", lines.append) == "tensorrt"
+    assert lines[-1] == "[build] --target auto: tensorrt (TensorRT and a CUDA device are here)"
+    assert build_mod.resolve_target("ort", lines.append) == "ort" and len(lines) == 3
 
 
 def copy_art(art, tmp_path):

@@ -3,8 +3,9 @@ for the released 7B video shapes (profiles from the preset, ops from a narrow mo
 structure); each check fails with a clear message on a broken input; the engine build's control flow
 (every parser error printed, temp names, nothing half-built) through a stand-in tensorrt module;
 without TensorRT the build fails clearly and writes nothing; the TensorRT backend's run loop
-(buffers, copies, profile and manifest errors) through a stand-in engine on host memory; and the runtime
-wiring: tensorrt first, engines only, engines built elsewhere refused, frames chunked by their profile."""
+(buffers, copies, profile and manifest errors) through a stand-in engine on host memory; and the wiring:
+python -m export.build --target tensorrt builds the engines once and keeps them on a re-run, the runtime
+puts tensorrt first, runs engines only, refuses engines built elsewhere and chunks frames by their profile."""
 import ctypes
 import dataclasses
 import enum
@@ -62,10 +63,10 @@ def library(tmp_path_factory):
 def manifest_for(cfg, precision="fp16") -> dict:
     """The manifest fields a plan reads, as export.build writes them, for a config without exporting it."""
     io = stage_io(cfg, "shared")
-    plugin = {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"], "scale": cfg.vision.width ** -0.5}
     variants = {"vision": [{"file": "vision.onnx", "precision": "fp32", "backend": "ort-cpu"}],
                 "head": [{"file": "head.onnx", "precision": "fp32", "backend": "ort-cpu"},
-                         {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "plugin": plugin}],
+                         {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt",
+                          "plugin": build_mod.plugin_record(cfg)}],
                 "llm": []}
     return {"model": {"config": cfg.to_dict()}, "tokenizers": {"qformer_max_length": cfg.qformer.max_text_len},
             "build": {"precision": precision}, "stages": {s: {**io[s], "variants": variants[s]} for s in io}}
@@ -447,7 +448,47 @@ def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
         backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", bad)
 
 
-# ---- wired into the runtime (stand-in tensorrt and GPU) ---------------------------------------------------
+# ---- wired into python -m export.build and the runtime (stand-in tensorrt and GPU) -----------------------
+def engine_count(fake):
+    return sum(call[0] == "profile" for call in fake.calls)          # one optimisation profile per engine built
+
+
+def test_tensorrt_target_builds_the_engines_once_and_keeps_them_on_rerun(art, library, tmp_path, fake_gpu, monkeypatch):
+    fake = FakeTensorRT()
+    fake_gpu(fake)
+    ckpt, out, lines = art.parent / "ckpt", tmp_path / "trt", []
+
+    def no_nvcc(name):
+        raise kernels_build.BuildError("nvcc not found on PATH")
+    monkeypatch.setattr(kernels_build, "DEFAULT_OUT", tmp_path / "no-plugin")
+    monkeypatch.setattr(kernels_build, "find_tool", no_nvcc)
+    with pytest.raises(build_mod.BuildError, match=r"(?s)TensorRT engine plan: 1 check\(s\) failed, no engine built.*"
+                                                   r"FAIL head   library .*cannot be built here: nvcc not found"):
+        build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
+    assert read_manifest(out)["stages"]["head"]["variants"][0]["file"] == "head.onnx"       # the ONNX stages stand
+    monkeypatch.setattr(kernels_build, "DEFAULT_OUT", library.parent)
+    fake_gpu(FakeTensorRT(parse_errors=["In node 3 (Foo): UNSUPPORTED_NODE"]))
+    with pytest.raises(build_mod.BuildError, match=r"TensorRT engine build: vision.onnx: TensorRT's ONNX parser failed "
+                                                   r"with 1 error\(s\): In node 3 \(Foo\): UNSUPPORTED_NODE"):
+        build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
+    fake_gpu(fake)
+    lines.clear()
+    build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
+    assert sum("unchanged, skipped" in line for line in lines) == 4
+    assert "[build] engines: building vision.fp32.engine, head.fp32.engine ..." in lines and engine_count(fake) == 2
+    m = read_manifest(out)
+    assert [m["stages"][s]["variants"][0]["file"] for s in ("vision", "head")] == ["vision.fp32.engine", "head.fp32.engine"]
+    lines.clear()
+    build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
+    assert "[build] engines: unchanged, skipped" in lines and engine_count(fake) == 2
+    assert read_manifest(out) == m
+    sys.modules["tensorrt"].__version__ = "10.4.0.26"                # another TensorRT: engines rebuilt, ONNX kept
+    lines.clear()
+    build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
+    assert sum("unchanged, skipped" in line for line in lines) == 4 and engine_count(fake) == 4
+    assert read_manifest(out)["stages"]["vision"]["variants"][0]["built_with"] == {"tensorrt": "10.4.0.26", "sm": 87}
+
+
 def test_backends_put_tensorrt_first_and_run_only_engines(fake_gpu, monkeypatch):
     from kernels import cuda_available
     from runtime.backends import tensorrt as backend_mod
