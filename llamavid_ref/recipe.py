@@ -86,26 +86,31 @@ def patch_labels(sprites, t: float, image: int, patch: int) -> torch.Tensor:
 
 
 def pretrain_vision(model: LlamaVid, frames: dict, clips, steps: int, lr: float, batch: int, seed: int) -> float:
-    """Stage 0: EvaViT + a linear probe, cross-entropy on every patch; returns the accuracy on the
-    patches an object covers (background is most patches, so it would flatter the figure)."""
+    """Stage 0: EvaViT + a linear probe per output patch token predicting the (shape, colour) on it
+    and the patch's own row and column (so positions survive into the features that context
+    attention averages: direction questions need them). Returns the accuracy on object patches."""
     v = model.config.vision
-    n_cls = 1 + len(world.SHAPES) * len(world.COLORS)
+    g, n_cls = v.grid, 1 + len(world.SHAPES) * len(world.COLORS)
     px = torch.cat([frames[c.video] for c in clips])                                 # [C*8,3,S,S]
     labels = torch.stack([patch_labels(c.sprites, float(t), v.image_size, v.patch_size)
                           for c in clips for t in world.SAMPLE_TIMES])              # [C*8,N]
-    probe = torch.nn.Linear(v.width, n_cls)
+    rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g                   # [N]
+    probe = torch.nn.Linear(v.width, n_cls + 2 * g)
     weight = torch.full((n_cls,), 5.0)
     weight[0] = 1.0                                    # objects cover few patches: weigh them up
     params = list(model.vision.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     model.vision.train()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, steps, lr, 0.03)
-        idx = torch.randint(0, len(px), (batch,), generator=g)
-        logits = probe(model.vision(px[idx])[:, 1:])                                  # [B,N,classes]
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[idx].flatten(), weight=weight)
+        idx = torch.randint(0, len(px), (batch,), generator=gen)
+        out = probe(model.vision(px[idx])[:, 1:])                                     # [B,N,cls+2g]
+        logits = out[..., :n_cls]
+        loss = (F.cross_entropy(logits.flatten(0, 1), labels[idx].flatten(), weight=weight)
+                + F.cross_entropy(out[..., n_cls:n_cls + g].flatten(0, 1), rows.repeat(batch))
+                + F.cross_entropy(out[..., n_cls + g:].flatten(0, 1), cols.repeat(batch)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,10 +144,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage0-steps", type=int, default=1500, help="vision pre-training steps")
     ap.add_argument("--stage0-batch", type=int, default=64, help="frames per vision step")
-    ap.add_argument("--stage2-epochs", type=float, default=3.0)
+    ap.add_argument("--stage2-epochs", type=float, default=4.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr0", type=float, default=2e-3)
-    ap.add_argument("--lr2", type=float, default=1e-3)
+    ap.add_argument("--lr2", type=float, default=2e-3)
     ap.add_argument("--head-tokens", default="both", choices=("both", "context", "content"),
                     help="ablation: which per-frame tokens the LLM gets")
     ap.add_argument("--compress", default="mean", help="content pooling: mean (n=1) | grid:k (n=k*k)")
