@@ -1,5 +1,7 @@
-"""python -m llamavid_ref.evaluate --checkpoint PATH --data DIR --split test: exact-match accuracy
-per question type and overall (greedy answers, normalised), as text and JSON."""
+"""python -m llamavid_ref.evaluate --data DIR --split test [--checkpoint PATH | --artifacts DIR]:
+exact-match accuracy per question type and overall (greedy answers, normalised), as text and JSON,
+for the PyTorch reference or an exported artifact directory run by the runtime (ONNX Runtime).
+With --artifacts, --agreement also runs the reference and reports how many answers are identical."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +11,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from .checkpoint import load
-from .templates import question_prompt
 from .video import load_video
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -36,17 +35,19 @@ def score(predictions: list[tuple[str, str, str]]) -> dict:
             "n_per_type": dict(sorted(counts.items()))}
 
 
-def predict(model, entries: list[dict], media_root: Path, max_new_tokens: int = 8, frames_cache=None):
-    """Greedy answers to the first question of each LLaVA-style entry -> [(qtype, predicted, expected)]."""
+def predict(ask, entries: list[dict], media_root: Path, frames_cache=None):
+    """Answers to the first question of each LLaVA-style entry -> [(qtype, predicted, expected)].
+    `ask(media, question) -> str` is a model's or a pipeline's greedy ask."""
     out = []
     for e in entries:
         question = e["conversations"][0]["value"].replace("<image>", "").strip()
-        video = frames_cache[e["video"]] if frames_cache is not None else \
-            model.load_media(load_video(media_root / e["video"]).frames)
-        ids = torch.tensor([model.tokenizer.encode_prompt(question_prompt(question, model.config.template))])
-        new = model.generate(ids, [video], [question], max_new_tokens=max_new_tokens)
-        out.append((e.get("qtype", "all"), model.decode(new[0]), e["conversations"][1]["value"]))
+        media = frames_cache[e["video"]] if frames_cache is not None else load_video(media_root / e["video"]).frames
+        out.append((e.get("qtype", "all"), ask(media, question), e["conversations"][1]["value"]))
     return out
+
+
+def greedy(model_or_pipeline, max_new_tokens: int = 8):
+    return lambda media, question: model_or_pipeline.ask(media, question, max_new_tokens=max_new_tokens)
 
 
 def report(result: dict) -> str:
@@ -58,17 +59,32 @@ def report(result: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the shipped default model)")
+    ap.add_argument("--artifacts", help="evaluate this export.build directory with the runtime instead")
+    ap.add_argument("--agreement", action="store_true", help="with --artifacts: also run the reference "
+                    "(--checkpoint) and count identical answers")
     ap.add_argument("--data", required=True, help="folder with <split>.json and the videos (the synthetic world)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, help="first N entries only")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
-    model = load(a.checkpoint)
     entries = json.loads((Path(a.data) / f"{a.split}.json").read_text())[: a.limit]
     t0 = time.perf_counter()
-    result = score(predict(model, entries, Path(a.data)))
-    result.update(checkpoint=str(a.checkpoint or "default"), split=a.split, seconds=round(time.perf_counter() - t0, 1))
+    if a.artifacts:
+        from runtime.pipeline import Pipeline
+        pipeline = Pipeline.open(a.artifacts)
+        print(pipeline.describe())
+        preds = predict(greedy(pipeline), entries, Path(a.data))
+    else:
+        preds = predict(greedy(load(a.checkpoint)), entries, Path(a.data))
+    result = score(preds)
+    result.update(checkpoint=str(a.checkpoint or "default"), artifacts=a.artifacts, split=a.split,
+                  seconds=round(time.perf_counter() - t0, 1))
     print(report(result))
+    if a.artifacts and a.agreement:
+        ref = predict(greedy(load(a.checkpoint)), entries, Path(a.data))
+        same = sum(p[1] == r[1] for p, r in zip(preds, ref))
+        result["identical_to_reference"] = same / max(len(ref), 1)
+        print(f"answers identical to the reference: {same}/{len(ref)}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import from_name
 from .data import world
-from .evaluate import predict, report, score
+from .evaluate import greedy, predict, report, score
 from .model import LlamaVid
 from .templates import TEMPLATES
 from .tiny import random_init
@@ -183,7 +183,7 @@ def main(argv=None):
     for split in ("val", "test"):
         _, frames = examples_for(model, work / "world", clips[split], all_questions=False)
         entries = json.loads((work / "world" / f"{split}.json").read_text())
-        results[split] = score(predict(model, entries, work / "world", frames_cache=frames))
+        results[split] = score(predict(greedy(model), entries, work / "world", frames_cache=frames))
         print(f"{split}:\n{report(results[split])}")
     (Path(a.out) / "recipe.json").write_text(json.dumps(
         {"args": vars(a), "results": results, "minutes": round((time.perf_counter() - t0) / 60, 1)}, indent=2) + "\n")
