@@ -142,7 +142,7 @@ def test_trt_head_runs_on_cpu_with_a_python_context_attention(model, inputs, gra
         ref = model.head(feats, ids, mask).numpy()
     out = run_head(path, feats, ids, mask, so)
     assert calls == [((5, 4, 32), (5, 16, 32), "1", "llamavid")]
-    assert rel(out, ref) < FP32_REL
+    assert rel(out, ref) < 1e-5          # issue 5: the plugin-node graph within 1e-5 relative in fp32
 
 
 def reference_llm(model, T=6):
