@@ -123,6 +123,57 @@ def pretrain_vision(model: LlamaVid, frames: dict, clips, steps: int, lr: float,
     return acc
 
 
+def object_questions(clip):
+    """(question, target sprite) for every object-specific question the clip answers."""
+    return [(qa[0], sp) for qtype in world.OBJECT_QTYPES for i, sp in enumerate(clip.sprites)
+            if (qa := world.ask(clip.sprites, qtype, i))]
+
+
+def align_context(model: LlamaVid, frames: dict, clips, steps: int, lr: float, batch: int, seed: int) -> float:
+    """Stage 1 (ours): teach the context attention to look at the object the question names.
+    Target: uniform over the patches the named object covers in each frame where it is visible;
+    loss: cross-entropy of the query-averaged attention over patches. Trains the Q-Former, its
+    queries and the att/key projectors (the vision encoder stays frozen). Returns the mean attention
+    mass on the named object over the last batch."""
+    v, head = model.config.vision, model.head
+    items = [(c, q, sp) for c in clips for q, sp in object_questions(c)]
+    targets = []
+    for c, _, sp in items:
+        cls = 1 + world.SHAPES.index(sp.shape) * len(world.COLORS) + list(world.COLORS).index(sp.color)
+        on = torch.stack([patch_labels(c.sprites, float(t), v.image_size, v.patch_size) == cls
+                          for t in world.SAMPLE_TIMES]).float()                         # [8,N]
+        targets.append(on / on.sum(-1, keepdim=True).clamp(min=1))
+    params = [head.query, *head.qformer.parameters(), *head.att_projector.parameters(),
+              *head.key_projector.parameters(), *head.ln.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    feats_cache: dict = {}
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, steps, lr, 0.03)
+        idx = torch.randint(0, len(items), (batch,), generator=gen).tolist()
+        with torch.no_grad():
+            feats = torch.cat([feats_cache.setdefault(items[i][0].video, model.vision(frames[items[i][0].video]))
+                               for i in idx])                                            # [B*8,N+1,C]
+        ids, mask = model.qformer_tokenizer([items[i][1] for i in idx])
+        ids, mask = ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0)
+        text_q = head.text_queries(feats, ids, mask)                                     # [B*8,Q,C]
+        patches = feats[:, 1:]
+        attn = (text_q @ head.key_projector(patches).transpose(-1, -2) / patches.shape[-1] ** 0.5).softmax(-1)
+        attn = attn.mean(1)                                                              # [B*8,N]
+        target = torch.cat([targets[i] for i in idx])                                    # [B*8,N]
+        visible = target.sum(-1) > 0
+        loss = -(target * attn.clamp_min(1e-9).log()).sum(-1)[visible].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mass = float((attn * (target > 0)).sum(-1)[visible].mean())
+        if step % 20 == 0 or step == steps:
+            print(f"stage 1 (context) step {step}/{steps}  loss {float(loss.detach()):.4f}  "
+                  f"attention on the named object {mass:.3f}", flush=True)
+    return mass
+
+
 def examples_for(model: LlamaVid, data: Path, clips, all_questions: bool):
     """(example list, frames by video path): every question a clip answers (train) or its own (eval)."""
     out, frames = [], {}
@@ -144,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage0-steps", type=int, default=1500, help="vision pre-training steps")
     ap.add_argument("--stage0-batch", type=int, default=64, help="frames per vision step")
+    ap.add_argument("--stage1-steps", type=int, default=400, help="context-attention alignment steps (0: skip)")
+    ap.add_argument("--stage1-batch", type=int, default=32, help="questions per alignment step")
+    ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--stage2-epochs", type=float, default=4.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr0", type=float, default=2e-3)
@@ -176,6 +230,8 @@ def main(argv=None):
         model.vision.load_state_dict(checkpoint.load(a.vision_from).vision.state_dict())
     else:
         pretrain_vision(model, train_frames, clips["train"], a.stage0_steps, a.lr0, a.stage0_batch, a.seed)
+    if a.stage1_steps:
+        align_context(model, train_frames, clips["train"], a.stage1_steps, a.lr1, a.stage1_batch, a.seed)
     train(model, train_ex, 2, work / "stage2", lr=a.lr2, epochs=a.stage2_epochs, batch_size=a.batch_size,
           seed=a.seed, save_every=200, max_tokens=cfg.max_token)
     checkpoint.save(model, a.out)
