@@ -195,7 +195,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage0-steps", type=int, default=1500, help="vision pre-training steps")
     ap.add_argument("--stage0-batch", type=int, default=64, help="frames per vision step")
-    ap.add_argument("--stage1-steps", type=int, default=400, help="context-attention alignment steps (0: skip)")
+    ap.add_argument("--stage1-steps", type=int, default=0, help="context-attention alignment steps (0: skip; see docs/BENCHMARKS.md)")
     ap.add_argument("--stage1-batch", type=int, default=32, help="questions per alignment step")
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--stage2-epochs", type=float, default=4.0)
