@@ -10,19 +10,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .checkpoint import DEFAULT_MODEL_DIR, load
 from .video import load_video, write_video
 
 
-def moving_square_clip(path: Path, seconds: int = 6, fps: int = 4, size: int = 64) -> Path:
-    """A red square moving left to right on grey, written as H.264."""
-    frames = np.full((seconds * fps, size, size, 3), 128, np.uint8)
-    for t in range(len(frames)):
-        x = 4 + t * (size - 20) // len(frames)
-        frames[t, 24:40, x:x + 16] = (220, 30, 30)
-    write_video(path, frames, fps)
+def moving_square_clip(path: Path) -> Path:
+    """A red square moving right and a still blue circle, drawn by the synthetic world's renderer
+    (the default model's domain) and written as H.264."""
+    from .data import world
+    sprites = [world.Sprite("square", "red", x=16, y=20, motion="right"), world.Sprite("circle", "blue", x=40, y=48)]
+    write_video(path, world.render(sprites), world.SOURCE_FPS)
     return path
 
 
@@ -30,7 +27,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the shipped default model)")
     ap.add_argument("--video", help="a video file (default: a generated clip)")
-    ap.add_argument("question", nargs="?", default="Which way does the red square move?")
+    ap.add_argument("question", nargs="?", help="default on the generated clip: How many shapes are there? (truth: 2)")
     a = ap.parse_args(argv)
     if a.checkpoint or (DEFAULT_MODEL_DIR / "config.json").is_file():
         model, what = load(a.checkpoint), a.checkpoint or "the default model"
@@ -38,11 +35,15 @@ def main(argv=None):
         from .tiny import tiny_model
         model, what = tiny_model(Path(tempfile.mkdtemp())), "a tiny random-weight model (default model not built)"
     video = Path(a.video) if a.video else moving_square_clip(Path(tempfile.mkdtemp()) / "clip.mp4")
+    if a.question is None:
+        a.question = "How many shapes are there?" if not a.video else "What happens in this video?"
+    truth = "2" if not a.video and a.question == "How many shapes are there?" else None
     clip = load_video(video)
     t0 = time.perf_counter()
     answer = model.ask(clip.frames, a.question, max_new_tokens=32)
     print(f"model:    {what}\nvideo:    {video} ({len(clip.frames)} frames at 1 fps, "
-          f"{model.config.tokens_per_frame} tokens each)\nquestion: {a.question}\nanswer:   {answer}\n"
+          f"{model.config.tokens_per_frame} tokens each)\nquestion: {a.question}\nanswer:   {answer}"
+          f"{f'   (ground truth: {truth})' if truth else ''}\n"
           f"({time.perf_counter() - t0:.2f} s)")
 
 
