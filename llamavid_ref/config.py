@@ -19,6 +19,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN_INDEX = -200          # the <image> placeholder id after tokenization
 IMAGE_PLACEHOLDER = "<image>"
+FRAME_CHUNK = 64                  # frames per vision/head call, as the release chunks its Q-Former
 
 
 def _from_dict(cls, d: dict):

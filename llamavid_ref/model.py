@@ -13,16 +13,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import IMAGE_TOKEN_INDEX, LlamaVidConfig
+from .config import FRAME_CHUNK, IMAGE_TOKEN_INDEX, LlamaVidConfig
 from .head import DualTokenHead
 from .llm import LlamaLM
 from .preprocess import preprocess, preprocess_video
 from .templates import Conversation, question_prompt
 from .vision import EvaViT
 
-FRAME_CHUNK = 64          # frames per vision/head call, as the release chunks its Q-Former
 LONG_VIDEO_INTRO = "Below is a movie. Memorize the content and answer my question after watching this movie."
 LONG_VIDEO_OUTRO = "Now the movie end.\n"
+
+
+def chunked(fn, *tensors):
+    """fn over FRAME_CHUNK-frame slices of tensors that share their first (frame) axis, concatenated."""
+    n = tensors[0].shape[0]
+    return torch.cat([fn(*(t[i:i + FRAME_CHUNK] for t in tensors)) for i in range(0, n, FRAME_CHUNK)])
 
 
 class LlamaVid(nn.Module):
@@ -46,10 +51,8 @@ class LlamaVid(nn.Module):
             qformer_attention_mask = qformer_attention_mask.expand(Fr, -1)
         if qformer_input_ids.shape[0] != Fr:
             raise ValueError(f"encode_frames: expected Q-Former ids [1,L] or [{Fr},L], found {list(qformer_input_ids.shape)}")
-        out = [self.head(self.vision(pixel_values[i:i + FRAME_CHUNK]),
-                         qformer_input_ids[i:i + FRAME_CHUNK], qformer_attention_mask[i:i + FRAME_CHUNK])
-               for i in range(0, Fr, FRAME_CHUNK)]
-        return torch.cat(out)
+        return chunked(lambda px, ids, mask: self.head(self.vision(px), ids, mask),
+                       pixel_values, qformer_input_ids, qformer_attention_mask)
 
     def visual_tokens(self, images, prompts) -> list[torch.Tensor]:
         """Images [3,S,S] / videos [T,3,S,S] with one Q-Former prompt each -> one [T*(n+1),H] block
@@ -62,11 +65,9 @@ class LlamaVid(nn.Module):
         ids, mask = ids.repeat_interleave(counts, 0), mask.repeat_interleave(counts, 0)  # [sum T,L]
         # The vision stage is question-independent: run it once per distinct media tensor.
         unique = {id(f): f for f in frames}
-        feats = {k: torch.cat([self.vision(f[i:i + FRAME_CHUNK]) for i in range(0, len(f), FRAME_CHUNK)])
-                 for k, f in unique.items()}
+        feats = {k: chunked(self.vision, f) for k, f in unique.items()}
         vision_feats = torch.cat([feats[id(f)] for f in frames])                         # [sum T,N+1,Cv]
-        tokens = torch.cat([self.head(vision_feats[i:i + FRAME_CHUNK], ids[i:i + FRAME_CHUNK],
-                                      mask[i:i + FRAME_CHUNK]) for i in range(0, len(ids), FRAME_CHUNK)])
+        tokens = chunked(self.head, vision_feats, ids, mask)                             # [sum T,n+1,H]
         return [t.flatten(0, 1) for t in tokens.split(counts.tolist())]
 
     # ---- prompt assembly -----------------------------------------------------------------------

@@ -66,6 +66,11 @@ def build_tokenizers(texts: list[str], out: Path, llm_vocab: int, qformer_vocab:
     return out / "tokenizer.json", vocab
 
 
+def object_class(sprite) -> int:
+    """1 + shape * colours + colour: the probe class of a (shape, colour); 0 is background."""
+    return 1 + world.SHAPES.index(sprite.shape) * len(world.COLORS) + list(world.COLORS).index(sprite.color)
+
+
 def patch_labels(sprites, t: float, image: int, patch: int) -> torch.Tensor:
     """[grid*grid] class per patch: 0 background, 1 + shape*4 + colour for the object covering
     at least a quarter of the patch (the world's own masks, at the frame's time)."""
@@ -73,8 +78,7 @@ def patch_labels(sprites, t: float, image: int, patch: int) -> torch.Tensor:
     owner = np.zeros((image, image), np.int64)
     for s in sprites:
         if s.visible(t):
-            cls = 1 + world.SHAPES.index(s.shape) * len(world.COLORS) + list(world.COLORS).index(s.color)
-            owner[world._mask(s.shape, *s.center(t), xx, yy)] = cls
+            owner[world._mask(s.shape, *s.center(t), xx, yy)] = object_class(s)
     g = image // patch
     blocks = owner.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
     labels = np.zeros(g * g, np.int64)
@@ -139,8 +143,7 @@ def align_context(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
     items = [(c, q, sp) for c in clips for q, sp in object_questions(c)]
     targets = []
     for c, _, sp in items:
-        cls = 1 + world.SHAPES.index(sp.shape) * len(world.COLORS) + list(world.COLORS).index(sp.color)
-        on = torch.stack([patch_labels(c.sprites, float(t), v.image_size, v.patch_size) == cls
+        on = torch.stack([patch_labels(c.sprites, float(t), v.image_size, v.patch_size) == object_class(sp)
                           for t in world.SAMPLE_TIMES]).float()                         # [8,N]
         targets.append(on / on.sum(-1, keepdim=True).clamp(min=1))
     params = [head.query, *head.qformer.parameters(), *head.att_projector.parameters(),

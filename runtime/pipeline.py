@@ -19,11 +19,10 @@ from typing import Iterator
 import numpy as np
 
 from export.manifest import ManifestError, read_manifest
+from llamavid_ref.config import FRAME_CHUNK
 
 from .backends import available_backends, choose_variant, open_backend
 from .backends.tensorrt import check_built_with
-
-FRAME_CHUNK = 64          # frames per vision/head call, as the reference
 
 
 def frame_chunk(manifest: dict, chosen: dict) -> int:
