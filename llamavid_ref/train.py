@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -231,7 +230,6 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
     d = DEFAULTS[a.stage]
-    random.seed(a.seed)
     model = load(a.init)
     if a.rope_scaling:
         model.config.llm.rope_scaling = a.rope_scaling

@@ -1,5 +1,3 @@
-import pytest
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device, TensorRT or TensorRT-LLM; skipped here")
