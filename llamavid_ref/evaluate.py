@@ -62,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--artifacts", help="evaluate this export.build directory with the runtime instead")
     ap.add_argument("--agreement", action="store_true", help="with --artifacts: also run the reference "
                     "(--checkpoint) and count identical answers")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="with --artifacts: run only this "
+                    "precision's graphs (fp16 runs the GPU graphs on ORT's CPU provider when there is no GPU)")
     ap.add_argument("--data", required=True, help="folder with <split>.json and the videos (the synthetic world)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, help="first N entries only")
@@ -71,13 +73,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     if a.artifacts:
         from runtime.pipeline import Pipeline
-        pipeline = Pipeline.open(a.artifacts)
+        pipeline = Pipeline.open(a.artifacts, precision=a.precision)
         print(pipeline.describe())
         preds = predict(greedy(pipeline), entries, Path(a.data))
     else:
         preds = predict(greedy(load(a.checkpoint)), entries, Path(a.data))
     result = score(preds)
-    result.update(checkpoint=str(a.checkpoint or "default"), artifacts=a.artifacts, split=a.split,
+    result.update(checkpoint=str(a.checkpoint or "default"), artifacts=a.artifacts, precision=a.precision, split=a.split,
                   seconds=round(time.perf_counter() - t0, 1))
     print(report(result))
     if a.artifacts and a.agreement:

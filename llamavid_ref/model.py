@@ -39,6 +39,7 @@ class LlamaVid(nn.Module):
         self.llm = LlamaLM(cfg.llm)
         self.tokenizer = tokenizer                    # LLMTokenizer
         self.qformer_tokenizer = qformer_tokenizer    # QFormerTokenizer
+        self.vision_cache: dict | None = None         # training with a frozen encoder: id(media) -> features
 
     # ---- visual tokens -------------------------------------------------------------------------
     def encode_frames(self, pixel_values, qformer_input_ids, qformer_attention_mask=None):
@@ -65,10 +66,19 @@ class LlamaVid(nn.Module):
         ids, mask = ids.repeat_interleave(counts, 0), mask.repeat_interleave(counts, 0)  # [sum T,L]
         # The vision stage is question-independent: run it once per distinct media tensor.
         unique = {id(f): f for f in frames}
-        feats = {k: chunked(self.vision, f) for k, f in unique.items()}
+        feats = {k: self._vision(f) for k, f in unique.items()}
         vision_feats = torch.cat([feats[id(f)] for f in frames])                         # [sum T,N+1,Cv]
         tokens = chunked(self.head, vision_feats, ids, mask)                             # [sum T,n+1,H]
         return [t.flatten(0, 1) for t in tokens.split(counts.tolist())]
+
+    def _vision(self, frames):
+        """[T,3,S,S] -> [T,N+1,Cv]; memoised per media tensor while vision_cache is a dict."""
+        if self.vision_cache is None:
+            return chunked(self.vision, frames)
+        if id(frames) not in self.vision_cache:       # the tensor is kept so its id stays unique
+            with torch.no_grad():
+                self.vision_cache[id(frames)] = (frames, chunked(self.vision, frames))
+        return self.vision_cache[id(frames)][1]
 
     # ---- prompt assembly -----------------------------------------------------------------------
     def embed(self, input_ids, images=None, prompts=None, attention_mask=None):

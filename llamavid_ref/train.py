@@ -68,11 +68,11 @@ def build_example(model: LlamaVid, turns, media, subtitles=None) -> Example:
     return Example(ids, labels, media, first_human.replace(IMAGE_PLACEHOLDER, "").strip())
 
 
-def stage_parameters(model: LlamaVid, stage: int) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze the stage's prefixes (the vision encoder only in stage 0)."""
+def stage_parameters(model: LlamaVid, stage: int, prefixes=None) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the stage's prefixes (or `prefixes`, overriding them)."""
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad = any(name.startswith(pre) for pre in TRAINABLE[stage])
+        p.requires_grad = any(name.startswith(pre) for pre in (prefixes or TRAINABLE[stage]))
         if p.requires_grad:
             params.append(p)
     return params
@@ -135,13 +135,16 @@ class Progress:
 def train(model: LlamaVid, examples: list[Example], stage: int, out: Path, *, lr: float, batch_size: int,
           grad_accum: int = 1, epochs: float = 1.0, warmup: float = 0.03, weight_decay: float = 0.0,
           max_tokens: int = 2048, bf16: bool = False, seed: int = 0, save_every: int = 500,
-          resume: bool = False, log_every: int = 10) -> LlamaVid:
-    """Train `model` in place on `examples` for the stage; checkpoints to out/checkpoint-last."""
+          resume: bool = False, log_every: int = 10, trainable=None) -> LlamaVid:
+    """Train `model` in place on `examples` for the stage; checkpoints to out/checkpoint-last.
+    `trainable` overrides the stage's parameter prefixes (TRAINABLE)."""
     torch.manual_seed(seed)
     too_long = [i for i, e in enumerate(examples) if len(e.input_ids) > max_tokens]
     if too_long:
         raise ValueError(f"{len(too_long)} examples exceed max_tokens={max_tokens} text tokens (first: #{too_long[0]})")
-    params = stage_parameters(model, stage)
+    params = stage_parameters(model, stage, trainable)
+    frozen_vision = not any(p.requires_grad for p in model.vision.parameters())
+    model.vision_cache = {} if frozen_vision else None     # encode each clip once per run
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     per_step = batch_size * grad_accum
     total = max(1, int(len(examples) * epochs) // per_step)
@@ -152,7 +155,7 @@ def train(model: LlamaVid, examples: list[Example], stage: int, out: Path, *, lr
         opt.load_state_dict(st["optimizer"])
         step = int(st["step"])
         print(f"resumed stage {stage} at step {step}/{total}")
-    order = _order(examples, total * per_step, seed)
+    order = _order(examples, total * per_step, seed, by_media=not frozen_vision)
     model.train()
     progress = Progress(total, log_every)
     while step < total:
@@ -174,15 +177,17 @@ def train(model: LlamaVid, examples: list[Example], stage: int, out: Path, *, lr
             _checkpoint(model, opt, step, out / "checkpoint-last")
     print()
     model.eval()
+    model.vision_cache = None
     return model
 
 
-def _order(examples: list[Example], n: int, seed: int) -> np.ndarray:
-    """n example indices, epoch after epoch, shuffled by media: examples about the same clip stay
-    adjacent, so a batch runs the vision stage once per clip (visual_tokens dedupes by tensor)."""
+def _order(examples: list[Example], n: int, seed: int, by_media: bool) -> np.ndarray:
+    """n example indices, epoch after epoch, shuffled. by_media: examples about the same clip stay
+    adjacent, so a batch runs a trainable vision stage once per clip (visual_tokens dedupes by
+    tensor); with a frozen, cached encoder every example is shuffled on its own."""
     groups: dict[int, list[int]] = {}
     for i, e in enumerate(examples):
-        groups.setdefault(id(e.media) if e.media is not None else -i - 1, []).append(i)
+        groups.setdefault(id(e.media) if by_media and e.media is not None else -i - 1, []).append(i)
     members, rng, out = list(groups.values()), np.random.default_rng(seed), []
     while len(out) < n:
         for g in rng.permutation(len(members)):
@@ -228,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--trainable", nargs="+", metavar="PREFIX",
+                    help="parameter-name prefixes to train instead of the stage's (e.g. llm.)")
     a = ap.parse_args(argv)
     d = DEFAULTS[a.stage]
     model = load(a.init)
@@ -240,7 +247,7 @@ def main(argv=None):
     train(model, examples, a.stage, out, lr=a.lr or d["lr"], batch_size=a.batch_size or d["batch_size"],
           grad_accum=a.grad_accum, epochs=a.epochs, warmup=a.warmup, weight_decay=a.weight_decay,
           max_tokens=a.max_tokens or d["max_tokens"], bf16=a.bf16, seed=a.seed, save_every=a.save_every,
-          resume=a.resume)
+          resume=a.resume, trainable=a.trainable)
     save(model, out / "final")
     (out / "final" / "train_args.json").write_text(json.dumps(vars(a), indent=2))
     print(f"wrote {out / 'final'}")

@@ -57,20 +57,25 @@ class Pipeline:
 
     @classmethod
     def open(cls, root, backend: str | None = None, threads: int | None = None, verify_hashes: bool = True,
-             spin: bool = True) -> "Pipeline":
+             spin: bool = True, precision: str | None = None) -> "Pipeline":
         """Validate root/manifest.json (version, stages, hashes) and open each stage on the first backend
         (fastest first, or `backend`) that runs one of its variants, checked against the manifest's tensors;
         an engine built by another TensorRT or for another GPU is refused.
-        spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks)."""
+        spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks).
+        precision: run only that precision's variants; ORT's CPU provider then also runs the ort-cuda
+        graphs (to measure fp16 accuracy on a machine without a GPU)."""
         root = Path(root)
         manifest = read_manifest(root, verify_hashes)
         available = [backend] if backend else available_backends()
         stages, chosen, backends = {}, {}, {}
         for name in ("vision", "head", "llm"):
-            v = choose_variant(manifest["stages"][name]["variants"], available)
+            v = choose_variant(manifest["stages"][name]["variants"], available, precision)
             if v is None:
-                have = sorted({x["backend"] for x in manifest["stages"][name]["variants"]})
-                raise RuntimeError(f"stage {name}: expected a variant for backend {available}, found only {have}")
+                have = sorted({(x["backend"], x["precision"]) for x in manifest["stages"][name]["variants"]})
+                raise RuntimeError(f"stage {name}: expected a variant for backend {available}"
+                                   f"{f' in {precision}' if precision else ''}, found only {have}")
+            if v["backend"] not in available:                 # an ort-cuda graph on the CPU provider
+                v = {**v, "backend": "ort-cpu"}
             try:
                 if "built_with" in v:
                     check_built_with(root / v["file"], v["built_with"])

@@ -179,3 +179,18 @@ def test_chat_cli_interactive_turns(pair, tmp_path, capsys, monkeypatch):
     assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(video), "--max-new-tokens", "5"]) == 0
     theirs = Chat(ref, str(video))
     assert capsys.readouterr().out.splitlines() == [theirs.ask(q, max_new_tokens=5) for q in QUESTIONS[:2]]
+
+
+def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
+    """precision="fp16" opens the ort-cuda fp16 graphs on ORT's CPU provider (fp16 accuracy without a
+    GPU); their visual tokens stay within the fp16 bound of the fp32 pipeline's."""
+    art = build(tiny_checkpoint(tmp_path, fused=True, seed=7), "fp16", tmp_path / "art", "ort", log=quiet)
+    fp32, fp16 = Pipeline.open(art), Pipeline.open(art, precision="fp16")
+    assert {v["precision"] for v in fp32.chosen.values()} == {"fp32"}
+    assert [(v["precision"], v["backend"], v["file"].endswith(".fp16.onnx")) for v in fp16.chosen.values()] \
+        == [("fp16", "ort-cpu", True)] * 3
+    video = clips()[2]
+    a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, fp16))
+    assert np.abs(a - b).max() / np.abs(a).max() < 3e-3
+    with pytest.raises(RuntimeError, match="in int8"):
+        Pipeline.open(art, precision="int8")

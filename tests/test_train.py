@@ -55,6 +55,29 @@ def test_stage_freezing(model, stage, trainable, frozen):
     assert not any(params[n].requires_grad for n in frozen)
 
 
+def test_trainable_prefixes_override_the_stage(model):
+    T.stage_parameters(model, 2, ("llm.",))
+    params = dict(model.named_parameters())
+    assert params["llm.lm_head.weight"].requires_grad
+    assert not params["head.query"].requires_grad and not params["vision.pos_embed"].requires_grad
+
+
+def test_frozen_vision_runs_once_per_clip_and_gives_the_same_loss(model, tmp_path):
+    ex = examples(model) * 3                   # 4 clips, each seen 3 times per epoch
+    calls = []
+    model.vision.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    with torch.no_grad():
+        plain = float(T.batch_loss(model, ex))
+    model.vision_cache = {}
+    with torch.no_grad():
+        cached = [float(T.batch_loss(model, ex)) for _ in range(2)]
+    assert cached == [pytest.approx(plain, rel=1e-6)] * 2
+    assert len(calls) == 4 + 4                 # uncached: 4 distinct tensors; cached: once each, then never
+    model.vision_cache, calls[:] = None, []
+    T.train(model, ex, 2, tmp_path / "run", lr=1e-3, batch_size=4, epochs=2)
+    assert len(calls) == 4 and model.vision_cache is None
+
+
 def test_warmup_then_cosine():
     assert T.lr_at(0, 100, 1.0, 0.03) == pytest.approx(1 / 3)
     assert T.lr_at(2, 100, 1.0, 0.03) == pytest.approx(1.0)

@@ -43,9 +43,15 @@ def runs(backend: str, variant: dict) -> bool:
     return variant["backend"] == backend and (backend != "tensorrt" or variant["file"].endswith(".engine"))
 
 
-def choose_variant(variants: list[dict], available: list[str]) -> dict | None:
-    """The first variant (manifest order) that an available backend runs, trying backends fastest first."""
-    return next((v for backend in available for v in variants if runs(backend, v)), None)
+def choose_variant(variants: list[dict], available: list[str], precision: str | None = None) -> dict | None:
+    """The first variant (manifest order) that an available backend runs, trying backends fastest first.
+    With `precision`, only variants of that precision, and ort-cpu also runs ort-cuda's ONNX variants
+    (their numerics on the CPU provider: fp16 accuracy measured without a GPU)."""
+    if precision is None:
+        return next((v for backend in available for v in variants if runs(backend, v)), None)
+    pick = [v for v in variants if v["precision"] == precision]
+    return next((v for backend in available for v in pick
+                 if runs(backend, v) or (backend == "ort-cpu" and v["backend"] == "ort-cuda")), None)
 
 
 def open_backend(name: str, threads: int | None = None, spin: bool = True):
