@@ -199,9 +199,11 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
     them. Fixed linear readouts on each frame's tokens, for the question that prompts the Q-Former:
     context token -> the named object in view?, its colour, its centre; content token -> which
     objects are in view, how many. Trains the Q-Former, its queries and every head projector (the
-    vision encoder stays frozen). Returns the in-view accuracy of the context token on the last batch."""
+    vision encoder stays frozen). Ablations without one of the tokens skip its targets. Returns the
+    in-view accuracy of the context token on the last batch."""
     head, H = model.head, model.config.llm.hidden
     items = grounding_items(clips, model.config.vision)
+    has_context, has_content = model.config.head.tokens != "content", model.config.head.tokens != "context"
     readout = fixed_readout(H, 2 + len(world.COLORS) + 2 + N_OBJECTS + MAX_COUNT + 1, seed)
     named, scene = readout[:, :2 + len(world.COLORS) + 2], readout[:, 2 + len(world.COLORS) + 2:]
     params = list(head.parameters())
@@ -217,11 +219,15 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
         T = len(world.SAMPLE_TIMES)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = head(torch.cat([feats[c.video] for c, *_ in chosen]),
-                          ids.repeat_interleave(T, 0), mask.repeat_interleave(T, 0)).float()  # [B*8,2,H]
-        tokens = tokens.unflatten(0, (batch, T))                                      # [B,8,2,H]
-        loss = scene_loss(tokens[:, :, 1].flatten(0, 1) @ scene, [t for _, _, ts, _ in chosen for t in ts])
-        parts = [named_loss(tokens[k, :, 0] @ named, sp) for k, (*_, sp) in enumerate(chosen) if sp is not None]
-        loss = loss + sum(p[0] for p in parts) / max(1, len(parts))
+                          ids.repeat_interleave(T, 0), mask.repeat_interleave(T, 0)).float()  # [B*8,n+1,H]
+        tokens = tokens.unflatten(0, (batch, T))                                      # [B,8,n+1,H]
+        loss, parts = torch.zeros(()), []
+        if has_content:      # the scene from the mean of the content tokens (n = 1, or k*k for grid:k)
+            content = tokens[:, :, int(has_context):].mean(2).flatten(0, 1)           # [B*8,H]
+            loss = scene_loss(content @ scene, [t for _, _, ts, _ in chosen for t in ts])
+        if has_context:
+            parts = [named_loss(tokens[k, :, 0] @ named, sp) for k, (*_, sp) in enumerate(chosen) if sp is not None]
+            loss = loss + sum(p[0] for p in parts) / max(1, len(parts))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
