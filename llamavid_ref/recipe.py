@@ -240,14 +240,16 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
 
 
 def examples_for(model: LlamaVid, data: Path, clips, all_questions: bool):
-    """(example list, frames by video path): every question a clip answers (train) or its own (eval)."""
-    out, frames = [], {}
+    """(examples, their question types, frames by video path): every question a clip answers and
+    its caption (train) or its own question (eval)."""
+    out, qtypes, frames = [], [], {}
     for c in clips:
         px = frames[c.video] = model.load_media(load_video(data / c.video).frames)
-        qas = [(q, a) for _, q, a in world.questions(c.sprites)] if all_questions else [(c.question, c.answer)]
-        qas += [(CAPTION_PROMPT, world.caption(c.sprites))] if all_questions else []
-        out += [build_example(model, [("human", "<image>\n" + q), ("gpt", a)], px) for q, a in qas]
-    return out, frames
+        qas = world.questions(c.sprites) if all_questions else [(c.qtype, c.question, c.answer)]
+        qas += [("caption", CAPTION_PROMPT, world.caption(c.sprites))] if all_questions else []
+        out += [build_example(model, [("human", "<image>\n" + q), ("gpt", a)], px) for _, q, a in qas]
+        qtypes += [t for t, _, _ in qas]
+    return out, qtypes, frames
 
 
 def main(argv=None):
@@ -265,9 +267,11 @@ def main(argv=None):
     ap.add_argument("--stage1-batch", type=int, default=64, help="questions per grounding step")
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--stage2-epochs", type=float, default=6.0)
+    ap.add_argument("--motion-warmup", type=int, default=500,
+                    help="stage 2 first trains this many steps on direction questions alone (0: none)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr0", type=float, default=2e-3)
-    ap.add_argument("--lr2", type=float, default=2e-3)
+    ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--head-tokens", default="both", choices=("both", "context", "content"),
                     help="ablation: which per-frame tokens the LLM gets")
     ap.add_argument("--compress", default="mean", help="content pooling: mean (n=1) | grid:k (n=k*k)")
@@ -289,7 +293,7 @@ def main(argv=None):
     model = random_init(LlamaVid(cfg), a.seed, std=0.02)
     model.tokenizer = LLMTokenizer(tok, cfg.llm.bos_id, cfg.llm.eos_id)
     model.qformer_tokenizer = QFormerTokenizer(vocab, cfg.qformer.max_text_len)
-    train_ex, train_frames = examples_for(model, work / "world", clips["train"], all_questions=True)
+    train_ex, train_types, train_frames = examples_for(model, work / "world", clips["train"], all_questions=True)
     print(f"{len(train_ex)} training examples from {len(clips['train'])} clips "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
     if a.vision_from:
@@ -298,13 +302,18 @@ def main(argv=None):
         pretrain_vision(model, train_frames, clips["train"], a.stage0_steps, a.lr0, a.stage0_batch, a.seed)
     if a.stage1_steps:
         ground_tokens(model, train_frames, clips["train"], a.stage1_steps, a.lr1, a.stage1_batch, a.seed)
+    trainable = ("llm.",) if a.stage1_steps else None
+    if a.motion_warmup:
+        motion = [e for e, t in zip(train_ex, train_types) if t == "direction"]
+        train(model, motion, 2, work / "stage2-motion", lr=a.lr2, epochs=a.motion_warmup * a.batch_size / len(motion),
+              batch_size=a.batch_size, seed=a.seed, save_every=500, max_tokens=cfg.max_token, bf16=True,
+              trainable=trainable)
     train(model, train_ex, 2, work / "stage2", lr=a.lr2, epochs=a.stage2_epochs, batch_size=a.batch_size,
-          seed=a.seed, save_every=500, max_tokens=cfg.max_token, bf16=True,
-          trainable=("llm.",) if a.stage1_steps else None)
+          seed=a.seed, save_every=500, max_tokens=cfg.max_token, bf16=True, trainable=trainable)
     checkpoint.save(model, a.out)
     results = {}
     for split in ("val", "test"):
-        _, frames = examples_for(model, work / "world", clips[split], all_questions=False)
+        *_, frames = examples_for(model, work / "world", clips[split], all_questions=False)
         entries = json.loads((work / "world" / f"{split}.json").read_text())
         results[split] = score(predict(greedy(model), entries, work / "world", frames_cache=frames))
         print(f"{split}:\n{report(results[split])}")
