@@ -73,6 +73,8 @@ def object_class(sprite) -> int:
 
 N_OBJECTS = len(world.SHAPES) * len(world.COLORS)   # object classes 1..12
 MAX_COUNT = 4
+SCENE_OUTPUTS = N_OBJECTS + MAX_COUNT + 1            # objects in view (multi-hot), how many (0..4)
+NAMED_OUTPUTS = 2 + len(world.COLORS) + 2            # named object in view?, its colour, its centre
 
 
 @dataclass
@@ -111,7 +113,7 @@ def clip_truth(clip, cfg) -> list[FrameTruth]:
 
 
 def scene_loss(logits: torch.Tensor, truths: list[FrameTruth]) -> torch.Tensor:
-    """logits [F, N_OBJECTS + MAX_COUNT + 1] -> which objects are in view (BCE) + how many (CE)."""
+    """logits [F, SCENE_OUTPUTS] -> which objects are in view (BCE) + how many (CE)."""
     visible = torch.stack([t.visible for t in truths])
     count = torch.tensor([t.count for t in truths])
     return (F.binary_cross_entropy_with_logits(logits[:, :N_OBJECTS], visible)
@@ -130,7 +132,7 @@ def pretrain_vision(model: LlamaVid, frames: dict, clips, steps: int, lr: float,
     labels = torch.stack([t.labels for t in truths])                                 # [C*8,N]
     centres = torch.stack([t.centres for t in truths])                               # [C*8,N,2]
     probe = torch.nn.Linear(v.width, n_cls + 2)
-    scene = torch.nn.Linear(v.width, N_OBJECTS + MAX_COUNT + 1)
+    scene = torch.nn.Linear(v.width, SCENE_OUTPUTS)
     weight = torch.full((n_cls,), 5.0)
     weight[0] = 1.0                                    # objects cover few patches: weigh them up
     params = [*model.vision.parameters(), *probe.parameters(), *scene.parameters()]
@@ -184,7 +186,7 @@ def fixed_readout(width: int, outputs: int, seed: int) -> torch.Tensor:
 
 
 def named_loss(logits: torch.Tensor, sprite) -> tuple[torch.Tensor, float]:
-    """logits [8, 2 + colours + 2] from one question's context tokens -> loss on whether the named
+    """logits [8, NAMED_OUTPUTS] from one question's context tokens -> loss on whether the named
     sprite is in view, its colour and its centre (where in view); and the in-view accuracy."""
     present = torch.tensor([sprite.visible(float(t)) for t in world.SAMPLE_TIMES])
     colour = torch.full((int(present.sum()),), list(world.COLORS).index(sprite.color))
@@ -204,11 +206,10 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
     head, H = model.head, model.config.llm.hidden
     items = grounding_items(clips, model.config.vision)
     has_context, has_content = model.config.head.tokens != "content", model.config.head.tokens != "context"
-    readout = fixed_readout(H, 2 + len(world.COLORS) + 2 + N_OBJECTS + MAX_COUNT + 1, seed)
-    named, scene = readout[:, :2 + len(world.COLORS) + 2], readout[:, 2 + len(world.COLORS) + 2:]
+    named, scene = fixed_readout(H, NAMED_OUTPUTS + SCENE_OUTPUTS, seed).split([NAMED_OUTPUTS, SCENE_OUTPUTS], 1)
     params = list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen, T = torch.Generator().manual_seed(seed), len(world.SAMPLE_TIMES)
     with torch.no_grad():
         feats = {c.video: model.vision(frames[c.video]) for c in clips}              # [8,N+1,Cv] each
     for step in range(1, steps + 1):
@@ -216,7 +217,6 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
             group["lr"] = lr_at(step - 1, steps, lr, 0.03)
         chosen = [items[i] for i in torch.randint(0, len(items), (batch,), generator=gen).tolist()]
         ids, mask = model.qformer_tokenizer([q for _, q, _, _ in chosen])
-        T = len(world.SAMPLE_TIMES)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = head(torch.cat([feats[c.video] for c, *_ in chosen]),
                           ids.repeat_interleave(T, 0), mask.repeat_interleave(T, 0)).float()  # [B*8,n+1,H]
