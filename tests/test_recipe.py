@@ -49,3 +49,33 @@ def test_grounding_runs_for_every_head_ablation(tokens, compress, steps, capsys)
     assert 0 <= accuracy <= 1 and all(x == x for x in losses)
     if steps > 2:
         assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_recipe_end_to_end_on_a_few_clips(tmp_path):
+    """The whole command on 12 training clips with a few steps per stage: it writes a loadable model,
+    scores each evaluation split on its own clips, records the minutes of every step and stage 1's
+    readouts on val."""
+    import json
+
+    import llamavid_ref
+    from llamavid_ref import recipe
+    out = tmp_path / "model"
+    recipe.main(["--work", str(tmp_path / "work"), "--out", str(out), "--train-clips", "12", "--eval-clips", "6",
+                 "--stage0-steps", "2", "--stage0-batch", "4", "--stage1-steps", "2", "--stage1-batch", "4",
+                 "--stage2-epochs", "0.5", "--motion-warmup", "2", "--batch-size", "4"])
+    record = json.loads((out / "recipe.json").read_text())
+    assert [record["results"][s]["n"] for s in ("val", "test")] == [6, 6]
+    assert list(record["minutes_per_step"]) == ["data", "stage 0", "stage 1", "stage 2", "evaluation"]
+    assert record["args"]["train_clips"] == 12
+    found = record["stage1_readouts_val"]          # 6 val clips: one question of each type
+    assert sorted(found) == ["named object: colour", "named object: direction, per question", "named object: in view",
+                             "scene: how many", "scene: objects in view"]
+    assert all(0 <= v <= 1 for v in found.values())
+    model = llamavid_ref.load(out)
+    assert model.config.llm.hidden == 128 and model.tokenizer.encode("red") != []
+
+
+def test_recipe_rejects_a_vocabulary_smaller_than_the_bpe_alphabet(tmp_path):
+    from llamavid_ref.recipe import build_tokenizers
+    with pytest.raises(ValueError, match=r"LLM's vocabulary \(128\) must hold .* found 2\d\d tokens"):
+        build_tokenizers(["a red square moves left."], tmp_path, llm_vocab=128, qformer_vocab=64)
