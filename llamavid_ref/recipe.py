@@ -160,7 +160,7 @@ def pretrain_vision(model: LlamaVid, frames: dict, clips, steps: int, lr: float,
         opt.step()
         if step % 20 == 0 or step == steps:
             acc = float((logits.argmax(-1) == labels[idx])[obj].float().mean())
-            err = float((out[..., -2:][obj] - centres[idx][obj]).abs().mean()) * world.FRAME_SIZE
+            err = float((out.detach()[..., -2:][obj] - centres[idx][obj]).abs().mean()) * world.FRAME_SIZE
             print(f"stage 0 (vision) step {step}/{steps}  loss {float(loss.detach()):.4f}  "
                   f"object-patch accuracy {acc:.3f}  centre error {err:.1f} px", flush=True)
     model.vision.eval()
