@@ -190,10 +190,23 @@ def fixed_readout(width: int, outputs: int, seed: int) -> torch.Tensor:
     return q
 
 
+def readout_maps(model: LlamaVid, seed: int) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
+    """(has context token, has content tokens, named readout [H,NAMED_OUTPUTS], scene readout [H,SCENE_OUTPUTS])."""
+    tokens = model.config.head.tokens
+    named, scene = fixed_readout(model.config.llm.hidden, NAMED_OUTPUTS + SCENE_OUTPUTS, seed).split(
+        [NAMED_OUTPUTS, SCENE_OUTPUTS], 1)
+    return tokens != "content", tokens != "context", named, scene
+
+
+def in_view(sprite) -> torch.Tensor:
+    """[8] bool: the sprite is visible in each sampled frame."""
+    return torch.tensor([sprite.visible(float(t)) for t in world.SAMPLE_TIMES])
+
+
 def named_loss(logits: torch.Tensor, sprite) -> tuple[torch.Tensor, float]:
     """logits [8, NAMED_OUTPUTS] from one question's context tokens -> loss on whether the named
     sprite is in view, its colour and its centre (where in view); and the in-view accuracy."""
-    present = torch.tensor([sprite.visible(float(t)) for t in world.SAMPLE_TIMES])
+    present = in_view(sprite)
     colour = torch.full((int(present.sum()),), list(world.COLORS).index(sprite.color))
     centre = torch.tensor([sprite.center(float(t)) for t in world.SAMPLE_TIMES])[present] / world.FRAME_SIZE
     loss = (F.cross_entropy(logits[:, :2], present.long()) + F.cross_entropy(logits[present, 2:-2], colour)
@@ -210,10 +223,9 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
     the Q-Former, its queries and every head projector (the vision encoder stays frozen). Ablations
     without one of the tokens skip its targets. Returns the context token's in-view accuracy on the
     last batch."""
-    head, H = model.head, model.config.llm.hidden
+    head = model.head
     items = grounding_items(clips, model.config.vision)
-    has_context, has_content = model.config.head.tokens != "content", model.config.head.tokens != "context"
-    named, scene = fixed_readout(H, NAMED_OUTPUTS + SCENE_OUTPUTS, seed).split([NAMED_OUTPUTS, SCENE_OUTPUTS], 1)
+    has_context, has_content, named, scene = readout_maps(model, seed)
     params = list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
     gen, T = torch.Generator().manual_seed(seed), len(world.SAMPLE_TIMES)
@@ -253,9 +265,7 @@ def ground_tokens(model: LlamaVid, frames: dict, clips, steps: int, lr: float, b
 def readouts(model: LlamaVid, frames: dict, clips, seed: int) -> dict:
     """Stage 1's fixed readouts on held-out clips, each prompted by its own question: what the head's
     tokens carry, so the ceiling of what stage 2 can read from them. Per frame, unless per question."""
-    has_context, has_content = model.config.head.tokens != "content", model.config.head.tokens != "context"
-    named, scene = fixed_readout(model.config.llm.hidden, NAMED_OUTPUTS + SCENE_OUTPUTS, seed).split(
-        [NAMED_OUTPUTS, SCENE_OUTPUTS], 1)
+    has_context, has_content, named, scene = readout_maps(model, seed)
     hits = {}
     for c in clips:
         feats, truths = model.vision(frames[c.video]), clip_truth(c, model.config.vision)
@@ -271,7 +281,7 @@ def readouts(model: LlamaVid, frames: dict, clips, seed: int) -> dict:
         if has_context and c.qtype in world.OBJECT_QTYPES:
             sp = next(s for i, s in enumerate(c.sprites) if world.ask(c.sprites, c.qtype, i) == (c.question, c.answer))
             out = tokens[:, 0] @ named                                                           # [8,NAMED_OUTPUTS]
-            present = torch.tensor([sp.visible(float(t)) for t in world.SAMPLE_TIMES])
+            present = in_view(sp)
             hits.setdefault("named object: in view", []).extend((out[:, :2].argmax(-1) == present).tolist())
             hits.setdefault("named object: colour", []).extend(
                 (out[present, 2:-2].argmax(-1) == list(world.COLORS).index(sp.color)).tolist())
