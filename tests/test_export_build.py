@@ -63,9 +63,12 @@ def test_manifest_is_the_contract(built):
     assert head["inputs"]["qformer_ids"] == {"shape": ["frames", "text"], "dtype": "int64"}
     assert head["outputs"]["frame_tokens"]["shape"] == ["frames", 2, 64]
     assert m["stages"]["llm"]["inputs"]["past_key_values.1.value"]["shape"] == ["batch", 2, "max_seq", 16]
-    # fp16 on a CPU-only machine: fp32 graphs for ort-cpu, fp16 graphs for ort-cuda, the plugin graph for TensorRT
-    by_backend = {(v["backend"], v["precision"]) for v in m["stages"]["vision"]["variants"]}
-    assert by_backend == {("ort-cpu", "fp32"), ("ort-cuda", "fp16")}
+    # fp16 on a CPU-only machine: the fp32 graphs for ort-openvino (bf16) and ort-cpu, fp16 graphs for ort-cuda,
+    # the plugin graph for TensorRT; the LLM has no ort-openvino variant
+    by_backend = [(v["backend"], v["precision"], v["file"]) for v in m["stages"]["vision"]["variants"]]
+    assert by_backend == [("ort-openvino", "bf16", "vision.onnx"), ("ort-cpu", "fp32", "vision.onnx"),
+                          ("ort-cuda", "fp16", "vision.fp16.onnx")]
+    assert {v["backend"] for v in m["stages"]["llm"]["variants"]} == {"ort-cpu", "ort-cuda"}
     trt = [v for v in head["variants"] if v["backend"] == "tensorrt"]
     assert trt[0]["file"] == "head_trt.onnx" and trt[0]["plugin"]["op_type"] == "ContextAttention"
     for name in ("vision.onnx", "vision.fp16.onnx", "head.onnx", "head_trt.onnx", "llm/decoder.onnx",
@@ -101,6 +104,9 @@ def test_plan_table_says_what_runs_where(built):
     table = build_mod.plan_table(read_manifest(art), ["ort-cpu"])
     assert "| vision | vision.onnx | fp32 | ort-cpu | yes |" in table
     assert "| vision | vision.fp16.onnx | fp16 | ort-cuda | no: backend not on this machine |" in table
+    table = build_mod.plan_table(read_manifest(art), ["ort-openvino", "ort-cpu"])
+    assert "| vision | vision.onnx | bf16 | ort-openvino | yes |" in table
+    assert "| llm | llm/decoder.onnx | fp32 | ort-cpu | yes |" in table
     table = build_mod.plan_table(read_manifest(art), ["tensorrt", "ort-cpu"])
     assert "| head | head_trt.onnx | fp16 | tensorrt | no: an engine's ONNX source |" in table
     assert "| head | head.onnx | fp32 | ort-cpu | yes |" in table

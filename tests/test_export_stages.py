@@ -12,6 +12,7 @@ from export.head import PLUGIN, export_head, folded_context_attention
 from export.llm import export_llm, kv_names
 from export.vision import export_vision
 from llamavid_ref.head import context_attention
+from runtime.backends.ort import OrtBackend, openvino_bf16_cpu, openvino_missing
 from test_export_build import tiny_checkpoint
 
 import llamavid_ref
@@ -21,6 +22,9 @@ FP32_REL = 1e-4
 FP16_REL = {"vision": 2e-3, "head": 3e-3, "llm": 3e-3}     # measured 6e-4, 9e-4, 9e-4
 # int8 (ORT dynamic quantisation, per-channel weights, per-tensor u8 activations), tiny random weights.
 INT8_REL = {"vision": 5e-2, "head": 1e-1, "llm": 1e-1}   # measured 1.3e-2, 2.5e-2, 3.0e-2
+# bf16 (the fp32 graphs on ort-openvino: 8-bit mantissa weights and activations, fp32 accumulation).
+BF16_REL = {"vision": 3e-2, "head": 3e-2}                 # measured 6.8e-3, 8.2e-3
+openvino = pytest.mark.skipif(openvino_bf16_cpu() is None, reason=f"ort-openvino not usable here: {openvino_missing()}")
 
 
 def rel(a, b):
@@ -85,6 +89,19 @@ def test_head(model, inputs, graphs, name, bound):
         ref = model.head(feats, ids, mask).numpy()
     out = run_head(graphs[name], feats, ids, mask)
     assert out.shape == (5, 2, 64) and rel(out, ref) < bound
+
+
+@openvino
+def test_vision_and_head_at_bf16_on_openvino(model, inputs, graphs):
+    px, feats, ids, mask = inputs
+    vision, head = (OrtBackend("ort-openvino").open_stage(graphs[n]) for n in ("vision", "head_keys"))
+    with torch.no_grad():
+        ref = model.head(feats, ids, mask).numpy()
+    out = vision.run({"pixel_values": px.numpy()})["vision_feats"]
+    assert out.shape == (5, 17, 32) and rel(out, feats) < BF16_REL["vision"]
+    assert 1e-5 < rel(out, feats)                                      # bf16 did run (fp32 is ~1e-7)
+    out = head.run({"vision_feats": feats.numpy(), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()})
+    assert out["frame_tokens"].shape == (5, 2, 64) and rel(out["frame_tokens"], ref) < BF16_REL["head"]
 
 
 def test_folded_keys_equal_reference_formula():

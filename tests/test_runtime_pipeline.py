@@ -17,6 +17,7 @@ from llamavid_ref.model import Chat
 from llamavid_ref.templates import question_prompt
 from llamavid_ref.video import VideoError, write_video
 from runtime import chat as chat_cli
+from runtime.backends.ort import openvino_bf16_cpu, openvino_missing
 from runtime.pipeline import Pipeline
 from test_export_build import quiet, tiny_checkpoint
 
@@ -185,7 +186,7 @@ def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
     """precision="fp16" opens the ort-cuda fp16 graphs on ORT's CPU provider (fp16 accuracy without a
     GPU); their visual tokens stay within the fp16 bound of the fp32 pipeline's."""
     art = build(tiny_checkpoint(tmp_path, fused=True, seed=7), "fp16", tmp_path / "art", "ort", log=quiet)
-    fp32, fp16 = Pipeline.open(art), Pipeline.open(art, precision="fp16")
+    fp32, fp16 = Pipeline.open(art, backend="ort-cpu"), Pipeline.open(art, precision="fp16")
     assert {v["precision"] for v in fp32.chosen.values()} == {"fp32"}
     assert [(v["precision"], v["backend"], v["file"].endswith(".fp16.onnx")) for v in fp16.chosen.values()] \
         == [("fp16", "ort-cpu", True)] * 3
@@ -194,3 +195,25 @@ def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
     assert np.abs(a - b).max() / np.abs(a).max() < 3e-3
     with pytest.raises(RuntimeError, match="in int8"):
         Pipeline.open(art, precision="int8")
+
+
+@pytest.mark.skipif(openvino_bf16_cpu() is None, reason=f"ort-openvino not usable here: {openvino_missing()}")
+def test_fp16_build_runs_vision_and_head_at_bf16_on_openvino(tmp_path):
+    """On a CPU with native bf16 and the OpenVINO plugin, the fp16 build's vision and head run on ort-openvino
+    at bf16, the LLM on ort-cpu at fp32; the visual tokens stay within the bf16 bound of the fp32 pipeline's."""
+    art = build(tiny_checkpoint(tmp_path, fused=True, seed=7), "fp16", tmp_path / "art", "ort", log=quiet)
+    fp32, cpu16 = Pipeline.open(art, backend="ort-cpu"), Pipeline.open(art)
+    assert [(s, v["precision"], v["backend"]) for s, v in cpu16.chosen.items()] == \
+        [("vision", "bf16", "ort-openvino"), ("head", "bf16", "ort-openvino"), ("llm", "fp32", "ort-cpu")]
+    video = clips()[2]
+    a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, cpu16))
+    assert 1e-5 < np.abs(a - b).max() / np.abs(a).max() < 3e-2
+    assert cpu16.ask(video, QUESTIONS[1], max_new_tokens=8) == fp32.ask(video, QUESTIONS[1], max_new_tokens=8)
+
+
+def test_openvino_backend_names_what_is_missing(monkeypatch):
+    from runtime.backends import ort as ort_backend
+    monkeypatch.setattr(ort_backend, "_openvino_cpu", lambda: (None, "a CPU whose capabilities are 'FP32'"))
+    with pytest.raises(RuntimeError, match="ort-openvino: expected the onnxruntime-ep-openvino plugin and a CPU "
+                                           "with native bf16 .*, found a CPU whose capabilities are 'FP32'"):
+        ort_backend.OrtBackend("ort-openvino")

@@ -31,9 +31,12 @@ def tensorrt_usable() -> bool:
 def available_backends() -> list[str]:
     """Backend names usable here, fastest first."""
     import onnxruntime as ort
+    from .ort import openvino_bf16_cpu
     names = ["tensorrt"] if tensorrt_usable() else []
     if "CUDAExecutionProvider" in ort.get_available_providers():
         names.append("ort-cuda")
+    if openvino_bf16_cpu() is not None:
+        names.append("ort-openvino")
     names.append("ort-cpu")
     return names
 
@@ -55,7 +58,7 @@ def choose_variant(variants: list[dict], available: list[str], precision: str | 
 
 
 def open_backend(name: str, threads: int | None = None, spin: bool = True):
-    if name in ("ort-cpu", "ort-cuda"):
+    if name in ("ort-cpu", "ort-cuda", "ort-openvino"):
         from .ort import OrtBackend
         return OrtBackend(name, threads, spin)
     if name == "tensorrt":

@@ -1,16 +1,57 @@
-"""ONNX Runtime backend: one InferenceSession per stage, run through IO binding so that the caller's
+"""ONNX Runtime backends: one InferenceSession per stage, run through IO binding so that the caller's
 numpy buffers (inputs and preallocated outputs, e.g. a KV cache bound as both past and present) are
-used in place."""
+used in place.
+
+    ort-cpu       ORT's CPU provider (MLAS kernels), fp32 and int8 graphs
+    ort-cuda      ORT's CUDA provider
+    ort-openvino  ORT with the OpenVINO execution provider plugin (pip onnxruntime-ep-openvino) on a CPU
+                  with native bf16 (AMX or AVX512-BF16): runs the fp32 graphs at bf16 inference precision
+                  (OpenVINO converts at session creation; LayerNorm and softmax statistics stay fp32)
+"""
 from __future__ import annotations
 
+import json
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from export.manifest import OPENVINO_PRECISION
+
 from . import check_io
 
 _PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"], "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+@cache
+def _openvino_cpu() -> tuple:
+    """(the OpenVINO plugin's CPU device, an ort.OrtEpDevice, or None; what was found instead). Registers
+    the plugin library with ORT once per process."""
+    try:
+        import onnxruntime_ep_openvino as ov
+    except ImportError:
+        return None, "no onnxruntime_ep_openvino package (pip install onnxruntime-ep-openvino)"
+    try:
+        ort.register_execution_provider_library("openvino", ov.get_library_path())
+    except Exception as e:                                  # an ORT without plugin EPs, or a broken library
+        return None, f"the plugin library did not register with onnxruntime {ort.__version__}: {e}"
+    for d in ort.get_ep_devices():
+        meta = d.ep_metadata
+        if d.ep_name == ov.get_ep_name() and meta.get("ov_device") == "CPU":
+            caps = meta.get("OPTIMIZATION_CAPABILITIES", "")
+            return (d, "") if "BF16" in caps.split() else (None, f"a CPU whose capabilities are {caps!r}")
+    return None, "no OpenVINO CPU device"
+
+
+def openvino_bf16_cpu():
+    """The OpenVINO CPU device when the plugin is installed and the CPU computes bf16 natively, else None."""
+    return _openvino_cpu()[0]
+
+
+def openvino_missing() -> str:
+    """Why ort-openvino is not usable here ("" when it is)."""
+    return _openvino_cpu()[1]
 
 
 class OrtStage:
@@ -48,6 +89,9 @@ class OrtStage:
 
 class OrtBackend:
     def __init__(self, name: str = "ort-cpu", threads: int | None = None, spin: bool = True):
+        if name == "ort-openvino" and openvino_bf16_cpu() is None:
+            raise RuntimeError("ort-openvino: expected the onnxruntime-ep-openvino plugin and a CPU with native bf16 "
+                               f"(AMX or AVX512-BF16), found {openvino_missing()}")
         self.name, self.threads, self.spin = name, threads, spin
 
     def open_stage(self, path: Path, io: dict | None = None) -> OrtStage:
@@ -59,7 +103,15 @@ class OrtBackend:
         if not self.spin:      # idle worker threads sleep instead of spinning (fair to a neighbour in-process)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(path)
-        stage = OrtStage(ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name]), path)
+        if self.name == "ort-openvino":
+            config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = str(self.threads)
+            so.add_provider_for_devices([openvino_bf16_cpu()], {"load_config": json.dumps({"CPU": config})})
+            session = ort.InferenceSession(str(path), sess_options=so)
+        else:
+            session = ort.InferenceSession(str(path), so, providers=_PROVIDERS[self.name])
+        stage = OrtStage(session, path)
         if io is not None:
             found = {kind: {t.name: _numpy_dtype(t.type) for t in tensors}
                      for kind, tensors in (("inputs", stage.session.get_inputs()), ("outputs", stage.session.get_outputs()))}
