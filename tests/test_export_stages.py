@@ -22,7 +22,7 @@ FP32_REL = 1e-4
 FP16_REL = {"vision": 2e-3, "head": 3e-3, "llm": 3e-3}     # measured 6e-4, 9e-4, 9e-4
 # int8 (ORT dynamic quantisation, per-channel weights, per-tensor u8 activations), tiny random weights.
 INT8_REL = {"vision": 5e-2, "head": 1e-1, "llm": 1e-1}   # measured 1.3e-2, 2.5e-2, 3.0e-2
-# bf16 (the fp32 graphs on ort-openvino: 8-bit mantissa weights and activations, fp32 accumulation).
+# bf16 (the fp32 graphs on ort-openvino at bf16 inference precision: 8-bit mantissas).
 BF16_REL = {"vision": 3e-2, "head": 3e-2}                 # measured 6.8e-3, 8.2e-3
 openvino = pytest.mark.skipif(openvino_bf16_cpu() is None, reason=f"ort-openvino not usable here: {openvino_missing()}")
 

@@ -6,7 +6,7 @@ used in place.
     ort-cuda      ORT's CUDA provider
     ort-openvino  ORT with the OpenVINO execution provider plugin (pip onnxruntime-ep-openvino) on a CPU
                   with native bf16 (AMX or AVX512-BF16): runs the fp32 graphs at bf16 inference precision
-                  (OpenVINO converts at session creation; LayerNorm and softmax statistics stay fp32)
+                  (OpenVINO converts them when the session is created)
 """
 from __future__ import annotations
 
