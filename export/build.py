@@ -13,8 +13,10 @@ end says what runs here):
     fp32  every stage fp32 on ort-cpu and ort-cuda
     fp16  fp16 graphs for ort-cuda (and the TensorRT head graph); ORT's CPU provider runs fp16 graphs
           as fp32 behind Casts (no speed-up, shared/FACTS.md section 7), so ort-cpu keeps the fp32 graphs;
-          vision and head also get the 16-bit CPU path: their fp32 graphs on ort-openvino at bf16 (the LLM
-          keeps ort-cpu: its fused decoder's contrib ops are ORT CPU kernels)
+          vision and head also get the 16-bit CPU path: their fp32 graphs on ort-openvino at bf16; the LLM's
+          prefill too (a variant with role "prefill": the plain decoder graph, whose KV cache the runtime
+          copies into the decoding variant's), while decoding stays on ort-cpu (OpenVINO re-plans every
+          call whose shapes change: 6x slower per token)
     int8  ORT dynamic quantisation (int8 per-channel weights, u8 activations) for ort-cpu; ort-cuda
           keeps fp32 (ORT's dynamic-quantisation ops are CPU kernels)
 """
@@ -137,6 +139,13 @@ def stage_llm(model, d: Path, precision: str) -> list[dict]:
                     extra=["llm/embed_tokens.npy"])
     for v in out:
         v["form"] = form
+    if precision == "fp16":                      # the 16-bit CPU path prefills on ort-openvino (plain graph)
+        prefill = "llm/decoder.onnx" if form == "plain" else "llm/prefill.onnx"
+        if form != "plain":
+            export_llm(model, d / prefill, "plain")
+        out.append({"file": prefill, "precision": OPENVINO_PRECISION, "backend": "ort-openvino", "form": "plain",
+                    "role": "prefill", "extra_files": ["llm/embed_tokens.npy"],
+                    "note": "first call of each answer; its KV cache is copied into the decoder's"})
     return out
 
 
@@ -302,11 +311,12 @@ def plan_table(manifest: dict, available=None) -> str:
     available = available or available_backends()
     rows = ["| stage | file | precision | backend | runs here |", "|---|---|---|---|---|"]
     for stage, entry in manifest["stages"].items():
-        chosen = choose_variant(entry["variants"], available)
+        chosen = [choose_variant(entry["variants"], available, role=r) for r in (None, "prefill")]
         for v in entry["variants"]:
-            mark = ("yes" if v is chosen else "no: backend not on this machine" if v["backend"] not in available
+            mark = ("yes" if v in chosen else "no: backend not on this machine" if v["backend"] not in available
                     else "no: an engine's ONNX source" if not runs(v["backend"], v) else "")
-            rows.append(f"| {stage} | {v['file']} | {v['precision']} | {v['backend']} | {mark} |")
+            role = f" ({v['role']})" if "role" in v else ""
+            rows.append(f"| {stage}{role} | {v['file']} | {v['precision']} | {v['backend']} | {mark} |")
     return "\n".join(rows) + f"\n(backends on this machine: {', '.join(available)})"
 
 

@@ -9,7 +9,9 @@
       "tokenizers": llm file, qformer vocab file, qformer_max_length
       "llm":        context, kv layout, embedding table file, layers / kv_heads / head_dim / vocab
       "stages":     {vision|head|llm: {inputs, outputs: {name: {shape (symbolic dims), dtype}},
-                                       variants: [{file, precision, backend, form, ...}]}}
+                                       variants: [{file, precision, backend, form, role?, ...}]}}
+                    role "prefill" (llm only): a graph the runtime may use for the first call of an answer,
+                    next to the variant it decodes with (it copies the prefill's KV cache into that one's)
       "build":      requested precision and target, build key, what runs where
       "versions":   package, onnx, onnxruntime, torch
       "files":      {relative path: sha256} for every file the directory holds
@@ -119,6 +121,9 @@ def read_manifest(root: Path, verify_hashes: bool = True) -> dict:
             if v["backend"] not in BACKENDS:
                 raise ManifestError(f"{path}: stage {stage} variant {v['file']}: expected a backend in "
                                     f"{list(BACKENDS)}, found {v['backend']!r}")
+            if v.get("role") not in (None, "prefill") or (v.get("role") and stage != "llm"):
+                raise ManifestError(f"{path}: stage {stage} variant {v['file']}: expected no role or role 'prefill' "
+                                    f"(llm only), found role {v.get('role')!r}")
             if v["backend"] == "ort-openvino" and v["precision"] != OPENVINO_PRECISION:
                 raise ManifestError(f"{path}: stage {stage} variant {v['file']}: ort-openvino runs "
                                     f"{OPENVINO_PRECISION}, found precision {v['precision']!r}")

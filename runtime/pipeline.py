@@ -85,10 +85,20 @@ class Pipeline:
             except ValueError as e:
                 raise ManifestError(f"artifacts {root}: stage {name}: {e}") from e
             chosen[name] = v
+        prefill = choose_variant(manifest["stages"]["llm"]["variants"], available, precision, role="prefill")
+        if prefill is not None:
+            backends.setdefault(prefill["backend"], open_backend(prefill["backend"], threads, spin))
+            try:
+                stages["llm_prefill"] = backends[prefill["backend"]].open_stage(root / prefill["file"],
+                                                                               io=manifest["stages"]["llm"])
+            except ValueError as e:
+                raise ManifestError(f"artifacts {root}: stage llm (prefill): {e}") from e
+            chosen["llm_prefill"] = prefill
         return cls(root, manifest, stages, chosen)
 
     def describe(self) -> str:
-        return ", ".join(f"{s}: {v['file']} {v['precision']} on {v['backend']}" for s, v in self.chosen.items())
+        return ", ".join(f"{s.replace('_', ' ')}: {v['file']} {v['precision']} on {v['backend']}"
+                         for s, v in self.chosen.items())
 
     # ---- media -> visual tokens -----------------------------------------------------------------
     def load_media(self, media) -> np.ndarray:
@@ -189,23 +199,42 @@ class Pipeline:
 
     def llm_step(self, embeds: np.ndarray, total: int, capacity: int) -> np.ndarray:
         """One LLM call: embeds [1,T,H] at positions total-T..total-1 -> logits [1,1,V]. A call with
-        T == total starts a new sequence of at most `capacity` positions."""
-        run = self._run_shared if self.kv_layout == "shared" else self._run_concat
-        return run(embeds, total, capacity)
-
-    def _run_shared(self, embeds, total: int, capacity: int) -> np.ndarray:
-        """Fused graph: the KV buffers are allocated once per answer and bound as past and present."""
-        if total == embeds.shape[1]:                                            # prefill: (re)allocate
+        T == total starts a new sequence of at most `capacity` positions; it runs on the prefill graph
+        when the manifest has one that runs here."""
+        first = total == embeds.shape[1]
+        if first and self.kv_layout == "shared":                                # (re)allocate the KV buffers
             kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
             if not self._kv or self._kv[0].shape[2] < capacity:
                 self._kv = [np.zeros((1, kvh, capacity, d), np.float32) for _ in self.past_names]
                 self._mask = np.ones((1, capacity), np.int64)
                 self._logits = np.empty((1, 1, self.manifest["llm"]["vocab_size"]), np.float32)
+        if first and "llm_prefill" in self.stages:
+            return self._run_prefill(embeds)
+        run = self._run_shared if self.kv_layout == "shared" else self._run_concat
+        return run(embeds, total)
+
+    def _run_prefill(self, embeds) -> np.ndarray:
+        """The prefill graph (plain: empty past in, present [1,kvh,T,d] out); its cache becomes the decoder's."""
+        kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
+        empty = np.zeros((1, kvh, 0, d), np.float32)
+        T = embeds.shape[1]
+        out = self.stages["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": np.ones((1, T), np.int64),
+                                              **{n: empty for n in self.past_names}})
+        present = [out[n] for n in self.present_names]
+        if self.kv_layout == "shared":
+            for buf, kv in zip(self._kv, present):
+                buf[:, :, :T] = kv
+        else:
+            self._past = present
+        return out["logits"]
+
+    def _run_shared(self, embeds, total: int) -> np.ndarray:
+        """Fused graph: the KV buffers are allocated once per answer and bound as past and present."""
         feeds = {"inputs_embeds": embeds, "attention_mask": self._mask[:, :total], **dict(zip(self.past_names, self._kv))}
         outs = {"logits": self._logits, **dict(zip(self.present_names, self._kv))}
         return self.stages["llm"].run(feeds, outs)["logits"]
 
-    def _run_concat(self, embeds, total: int, capacity: int) -> np.ndarray:
+    def _run_concat(self, embeds, total: int) -> np.ndarray:
         """Plain graph: present = concat(past, new) is fed back as the next past."""
         if total == embeds.shape[1]:
             kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]

@@ -64,11 +64,13 @@ def test_manifest_is_the_contract(built):
     assert head["outputs"]["frame_tokens"]["shape"] == ["frames", 2, 64]
     assert m["stages"]["llm"]["inputs"]["past_key_values.1.value"]["shape"] == ["batch", 2, "max_seq", 16]
     # fp16 on a CPU-only machine: the fp32 graphs for ort-openvino (bf16) and ort-cpu, fp16 graphs for ort-cuda,
-    # the plugin graph for TensorRT; the LLM has no ort-openvino variant
+    # the plugin graph for TensorRT; the LLM decodes on ort-cpu and may prefill on ort-openvino (plain graph)
     by_backend = [(v["backend"], v["precision"], v["file"]) for v in m["stages"]["vision"]["variants"]]
     assert by_backend == [("ort-openvino", "bf16", "vision.onnx"), ("ort-cpu", "fp32", "vision.onnx"),
                           ("ort-cuda", "fp16", "vision.fp16.onnx")]
-    assert {v["backend"] for v in m["stages"]["llm"]["variants"]} == {"ort-cpu", "ort-cuda"}
+    llm = [(v["backend"], v["precision"], v["file"], v.get("role")) for v in m["stages"]["llm"]["variants"]]
+    assert llm == [("ort-cpu", "fp32", "llm/decoder.onnx", None), ("ort-cuda", "fp16", "llm/decoder.fp16.onnx", None),
+                   ("ort-openvino", "bf16", "llm/prefill.onnx", "prefill")]
     trt = [v for v in head["variants"] if v["backend"] == "tensorrt"]
     assert trt[0]["file"] == "head_trt.onnx" and trt[0]["plugin"]["op_type"] == "ContextAttention"
     for name in ("vision.onnx", "vision.fp16.onnx", "head.onnx", "head_trt.onnx", "llm/decoder.onnx",
@@ -107,6 +109,7 @@ def test_plan_table_says_what_runs_where(built):
     table = build_mod.plan_table(read_manifest(art), ["ort-openvino", "ort-cpu"])
     assert "| vision | vision.onnx | bf16 | ort-openvino | yes |" in table
     assert "| llm | llm/decoder.onnx | fp32 | ort-cpu | yes |" in table
+    assert "| llm (prefill) | llm/prefill.onnx | bf16 | ort-openvino | yes |" in table
     table = build_mod.plan_table(read_manifest(art), ["tensorrt", "ort-cpu"])
     assert "| head | head_trt.onnx | fp16 | tensorrt | no: an engine's ONNX source |" in table
     assert "| head | head.onnx | fp32 | ort-cpu | yes |" in table
@@ -175,3 +178,18 @@ def test_missing_file_version_and_unknown_stage(built, tmp_path):
         read_manifest(out)
     with pytest.raises(ManifestError, match="expected manifest.json .* found nothing"):
         read_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("stage, index, change, message", [
+    ("head", 0, {"role": "prefill"}, "stage head variant head.onnx: expected no role or role 'prefill' .llm only., "
+                                      "found role 'prefill'"),
+    ("llm", 0, {"role": "decode"}, "expected no role or role 'prefill' .llm only., found role 'decode'"),
+    ("vision", 0, {"precision": "fp16"}, "stage vision variant vision.onnx: ort-openvino runs bf16, found precision 'fp16'"),
+])
+def test_variant_roles_and_openvino_precision_are_checked(built, tmp_path, stage, index, change, message):
+    out = copy_art(built[1], tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    m["stages"][stage]["variants"][index].update(change)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(out, verify_hashes=False)

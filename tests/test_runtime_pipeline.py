@@ -199,16 +199,31 @@ def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
 
 @pytest.mark.skipif(openvino_bf16_cpu() is None, reason=f"ort-openvino not usable here: {openvino_missing()}")
 def test_fp16_build_runs_vision_and_head_at_bf16_on_openvino(tmp_path):
-    """On a CPU with native bf16 and the OpenVINO plugin, the fp16 build's vision and head run on ort-openvino
-    at bf16, the LLM on ort-cpu at fp32; the visual tokens stay within the bf16 bound of the fp32 pipeline's."""
-    art = build(tiny_checkpoint(tmp_path, fused=True, seed=7), "fp16", tmp_path / "art", "ort", log=quiet)
-    fp32, cpu16 = Pipeline.open(art, backend="ort-cpu"), Pipeline.open(art)
-    assert [(s, v["precision"], v["backend"]) for s, v in cpu16.chosen.items()] == \
-        [("vision", "bf16", "ort-openvino"), ("head", "bf16", "ort-openvino"), ("llm", "fp32", "ort-cpu")]
-    video = clips()[2]
-    a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, cpu16))
-    assert 1e-5 < np.abs(a - b).max() / np.abs(a).max() < 3e-2
-    assert cpu16.ask(video, QUESTIONS[1], max_new_tokens=8) == fp32.ask(video, QUESTIONS[1], max_new_tokens=8)
+    """On a CPU with native bf16 and the OpenVINO plugin, the fp16 build's vision, head and LLM prefill run on
+    ort-openvino at bf16, LLM decoding on ort-cpu at fp32 in the prefill's KV cache; visual tokens and logits
+    stay within the bf16 bound of the fp32 pipeline's, greedy answers are the same."""
+    for fused in (True, False):
+        root = tmp_path / str(fused)
+        art = build(tiny_checkpoint(root, fused=fused, seed=7), "fp16", root / "art", "ort", log=quiet)
+        fp32, cpu16 = Pipeline.open(art, backend="ort-cpu"), Pipeline.open(art)
+        prefill = "llm/prefill.onnx" if fused else "llm/decoder.onnx"
+        assert [(s, v["file"], v["precision"], v["backend"]) for s, v in cpu16.chosen.items()] == [
+            ("vision", "vision.onnx", "bf16", "ort-openvino"), ("head", "head.onnx", "bf16", "ort-openvino"),
+            ("llm", "llm/decoder.onnx", "fp32", "ort-cpu"), ("llm_prefill", prefill, "bf16", "ort-openvino")]
+        assert "llm_prefill" not in fp32.chosen
+        video = clips()[2]
+        a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, cpu16))
+        assert 1e-5 < np.abs(a - b).max() / np.abs(a).max() < 3e-2
+        embeds = fp32.embed(fp32.encode_prompt(fp32.prompt_text([(0, QUESTIONS[1]), (1, None)])), None)
+        P = embeds.shape[1]
+        logits = [[p.llm_step(embeds, P, P + 4)[0, -1].copy()] for p in (fp32, cpu16)]   # prefill
+        for i, nxt in enumerate((5, 9, 3)):                                                # decode in its cache
+            step = fp32.embed_table[[nxt]][None].astype(np.float32)
+            for p, out in zip((fp32, cpu16), logits):
+                out.append(p.llm_step(step, P + i + 1, P + 4)[0, -1].copy())
+        for x, y in zip(*logits):
+            assert 1e-6 < np.abs(x - y).max() / np.abs(x).max() < 3e-2
+        assert cpu16.ask(video, QUESTIONS[1], max_new_tokens=8) == fp32.ask(video, QUESTIONS[1], max_new_tokens=8)
 
 
 def test_openvino_backend_names_what_is_missing(monkeypatch):

@@ -46,10 +46,13 @@ def runs(backend: str, variant: dict) -> bool:
     return variant["backend"] == backend and (backend != "tensorrt" or variant["file"].endswith(".engine"))
 
 
-def choose_variant(variants: list[dict], available: list[str], precision: str | None = None) -> dict | None:
+def choose_variant(variants: list[dict], available: list[str], precision: str | None = None,
+                   role: str | None = None) -> dict | None:
     """The first variant (manifest order) that an available backend runs, trying backends fastest first.
+    role: None for the variants that run the stage, "prefill" for the LLM's optional first-call graphs.
     With `precision`, only variants of that precision, and ort-cpu also runs ort-cuda's ONNX variants
     (their numerics on the CPU provider: fp16 accuracy measured without a GPU)."""
+    variants = [v for v in variants if v.get("role") == role]
     if precision is None:
         return next((v for backend in available for v in variants if runs(backend, v)), None)
     pick = [v for v in variants if v["precision"] == precision]
