@@ -1,10 +1,12 @@
 """The pipeline: an artifact directory -> answers, driven only by manifest.json; each stage runs on the
-fastest backend here that the manifest has a variant for (TensorRT engines, ONNX Runtime CUDA or CPU).
+fastest backend here that the manifest has a variant for (TensorRT engines, ONNX Runtime CUDA, OpenVINO
+or CPU).
 
     media --load/preprocess--> pixel_values [T,3,S,S] --|vision|--> vision_feats [T,N+1,Cv]
     question --Q-Former tokenizer--> ids/mask [T,L] --|head|--> frame_tokens [T,n+1,H]   (frame-major)
     prompt text --LLM tokenizer--> ids with -200 --embed table + visual tokens--> inputs_embeds [1,P,H]
     --|llm| prefill--> logits --sample--> token --|llm| decode (KV cache in place)--> ... eos
+      (prefill runs on the llm's "prefill" variant where one runs here; its KV cache is copied into the decoder's)
 
     p = Pipeline.open("artifacts/model")              # validates the manifest and every file hash
     p.ask("clip.mp4", "What happens?")                # -> str
