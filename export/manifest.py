@@ -26,7 +26,7 @@ import hashlib
 import json
 from pathlib import Path
 
-FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 1
+FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 2    # 2: one Q-Former question per head call
 STAGES = ("vision", "head", "llm")
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt")
 OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
@@ -63,8 +63,8 @@ def stage_io(cfg, kv_layout: str) -> dict:
         "vision": {"inputs": {"pixel_values": tensor(["frames", 3, S, S])},
                    "outputs": {"vision_feats": tensor(["frames", N1, Cv])}},
         "head": {"inputs": {"vision_feats": tensor(["frames", N1, Cv]),
-                            "qformer_ids": tensor(["frames", "text"], "int64"),
-                            "qformer_mask": tensor(["frames", "text"], "int64")},
+                            "qformer_ids": tensor([1, "text"], "int64"),       # one question for all frames
+                            "qformer_mask": tensor([1, "text"], "int64")},
                  "outputs": {"frame_tokens": tensor(["frames", n1, H])}},
         "llm": {"inputs": {"inputs_embeds": tensor(["batch", "seq", H]),
                            "attention_mask": tensor(["batch", "total"], "int64"), **past},

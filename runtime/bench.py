@@ -112,8 +112,10 @@ class TorchSide:
 
     @torch.no_grad()
     def head(self, feats, ids, mask):
+        """ids/mask [1,L]: repeated per frame, as the reference takes them."""
+        F = len(feats)
         return self.m.head(feats if isinstance(feats, torch.Tensor) else torch.from_numpy(feats),
-                           torch.from_numpy(ids), torch.from_numpy(mask))
+                           torch.from_numpy(np.repeat(ids, F, 0)), torch.from_numpy(np.repeat(mask, F, 0)))
 
     @torch.no_grad()
     def embeds(self, px):
@@ -148,9 +150,8 @@ def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, r
     chunk = px[:min(F, 64)]
     n = len(chunk)
     feats = {k: s.vision(chunk) for k, s in sides.items()}
-    ids_n, mask_n = np.repeat(ids, n, 0), np.repeat(mask, n, 0)
     put("vision_ms_per_frame", {k: lambda s=s: s.vision(chunk) for k, s in sides.items()}, 1e3 / n)
-    put("head_ms_per_frame", {k: lambda s=s: s.head(feats[k], ids_n, mask_n) for k, s in sides.items()}, 1e3 / n)
+    put("head_ms_per_frame", {k: lambda s=s: s.head(feats[k], ids, mask) for k, s in sides.items()}, 1e3 / n)
     embeds = {k: s.embeds(px) for k, s in sides.items()}
     put("prefill_ms", {k: lambda s=s: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
     for k in sides:
@@ -245,7 +246,7 @@ def flops_of(fn) -> int:
 
 
 def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, threads=None) -> dict:
-    from export.head import export_head
+    from export.head import ExportHead, export_head
     from export.vision import export_vision
     from llamavid_ref.config import from_name
     from llamavid_ref.head import DualTokenHead
@@ -263,7 +264,7 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
     stub.requires_grad_(False)                  # FlopCounterMode's module tracker hooks grad-requiring tensors
     S, F = cfg.vision.image_size, frames
     px = torch.randn(F, 3, S, S)
-    ids = torch.randint(1000, 2000, (F, 12))
+    ids = torch.randint(1000, 2000, (1, 12))                 # one question; the reference takes it per frame
     mask = torch.ones_like(ids)
     with torch.no_grad():
         feats = stub.vision(px)
@@ -273,17 +274,20 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
              "head_keys": export_head(stub, work / "head_keys.onnx", "keys"),
              "head_folded": export_head(stub, work / "head_folded.onnx", "folded")}
     hfeeds = {"vision_feats": feats.numpy(), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()}
-    cases = [("vision", lambda: stub.vision(px), {"pixel_values": px.numpy()}, [("ort", paths["vision"])]),
-             ("head", lambda: stub.head(feats, ids, mask), hfeeds,
-              [("ort_keys", paths["head_keys"]), ("ort_folded", paths["head_folded"])])]
-    for name, fn, feeds, graphs in cases:
-        flop = flops_of(fn) / F
+    head_forms = {f"ort_{form}": lambda form=form: ExportHead(stub.head, form)(feats, ids, mask) for form in ("keys", "folded")}
+    cases = [("vision", lambda: stub.vision(px), {"pixel_values": px.numpy()}, [("ort", paths["vision"])], {}),
+             ("head", lambda: stub.head(feats, ids.expand(F, -1), mask.expand(F, -1)), hfeeds,
+              [("ort_keys", paths["head_keys"]), ("ort_folded", paths["head_folded"])], head_forms)]
+    for name, fn, feeds, graphs, forms in cases:
+        flop = {"torch": flops_of(fn) / F} | {key: flops_of(f) / F for key, f in forms.items()}   # what each computes
         runs = {"torch": fn} | {key: (lambda s=ort_backend.open_stage(path): s.run(feeds)) for key, path in graphs}
         with torch.no_grad():
             secs = alternating(runs, repeats)
-        row = {"gflop_per_frame": flop / 1e9}
+        row = {"gflop_per_frame": flop["torch"] / 1e9}
         for key, sec in secs.items():
-            row[f"{key}_ms_per_frame"], row[f"{key}_gflops"] = sec / F * 1e3, flop / (sec / F) / 1e9
+            f = flop.get(key, flop["torch"])
+            row[f"{key}_gflop_per_frame"] = f / 1e9
+            row[f"{key}_ms_per_frame"], row[f"{key}_gflops"] = sec / F * 1e3, f / (sec / F) / 1e9
         out[name] = row
         print(f"[bench] {name}: {row}", file=sys.stderr)
     return out
@@ -459,7 +463,8 @@ def _report_vision_head(r: dict) -> list[str]:
              f"| vision (EVA-ViT-g 224) | {v['gflop_per_frame']:.1f} | {v['torch_ms_per_frame']:.0f} | "
              f"{v['ort_ms_per_frame']:.0f} | {v['torch_gflops']:.0f} | {v['ort_gflops']:.0f} ({100 * v['ort_gflops'] / peak:.0f}%) |"]
     for form in ("keys", "folded"):
-        lines.append(f"| head, {form} form | {h['gflop_per_frame']:.1f} | {h['torch_ms_per_frame']:.1f} | "
+        lines.append(f"| head, {form} form | {h['gflop_per_frame']:.1f} (ORT {h[f'ort_{form}_gflop_per_frame']:.1f}) | "
+                     f"{h['torch_ms_per_frame']:.1f} | "
                      f"{h[f'ort_{form}_ms_per_frame']:.1f} | {h['torch_gflops']:.0f} | "
                      f"{h[f'ort_{form}_gflops']:.0f} ({100 * h[f'ort_{form}_gflops'] / peak:.0f}%) |")
     return lines

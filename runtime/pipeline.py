@@ -3,7 +3,7 @@ fastest backend here that the manifest has a variant for (TensorRT engines, ONNX
 or CPU).
 
     media --load/preprocess--> pixel_values [T,3,S,S] --|vision|--> vision_feats [T,N+1,Cv]
-    question --Q-Former tokenizer--> ids/mask [T,L] --|head|--> frame_tokens [T,n+1,H]   (frame-major)
+    question --Q-Former tokenizer--> ids/mask [1,L] --|head|--> frame_tokens [T,n+1,H]   (frame-major)
     prompt text --LLM tokenizer--> ids with -200 --embed table + visual tokens--> inputs_embeds [1,P,H]
     --|llm| prefill--> logits --sample--> token --|llm| decode (KV cache in place)--> ... eos
       (prefill runs on the llm's "prefill" variant where one runs here; its KV cache is copied into the decoder's)
@@ -137,9 +137,8 @@ class Pipeline:
         for i in range(0, len(pixel_values), self.frame_chunk):
             px = pixel_values[i:i + self.frame_chunk]
             feats = self.stages["vision"].run({"pixel_values": px})["vision_feats"]
-            F = len(px)
-            out.append(self.stages["head"].run({"vision_feats": feats, "qformer_ids": np.repeat(ids, F, 0),
-                                                "qformer_mask": np.repeat(mask, F, 0)})["frame_tokens"])
+            out.append(self.stages["head"].run({"vision_feats": feats, "qformer_ids": ids,
+                                                "qformer_mask": mask})["frame_tokens"])
         tokens = np.concatenate(out)
         return tokens.reshape(-1, tokens.shape[-1])
 

@@ -60,7 +60,7 @@ def test_manifest_is_the_contract(built):
                                "qformer_max_length": 256}
     assert m["llm"]["kv_layout"] == "shared" and m["llm"]["context"] == 512
     head = m["stages"]["head"]
-    assert head["inputs"]["qformer_ids"] == {"shape": ["frames", "text"], "dtype": "int64"}
+    assert head["inputs"]["qformer_ids"] == {"shape": [1, "text"], "dtype": "int64"}    # one question per call
     assert head["outputs"]["frame_tokens"]["shape"] == ["frames", 2, 64]
     assert m["stages"]["llm"]["inputs"]["past_key_values.1.value"]["shape"] == ["batch", 2, "max_seq", 16]
     # fp16 on a CPU-only machine: the fp32 graphs for ort-openvino (bf16) and ort-cpu, fp16 graphs for ort-cuda,
@@ -170,7 +170,7 @@ def test_missing_file_version_and_unknown_stage(built, tmp_path):
         read_manifest(out)
     m = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**m, "manifest_version": 99}))
-    with pytest.raises(ManifestError, match="expected format 'llamavid-artifacts' version 1, found 'llamavid-artifacts' version 99"):
+    with pytest.raises(ManifestError, match=f"expected format 'llamavid-artifacts' version {MANIFEST_VERSION}, found 'llamavid-artifacts' version 99"):
         read_manifest(out)
     m["stages"]["audio"] = m["stages"]["vision"]
     (out / "manifest.json").write_text(json.dumps(m))

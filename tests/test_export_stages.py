@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export import common
-from export.head import PLUGIN, export_head, folded_context_attention
+from export.head import PLUGIN, export_head, folded_context_attention, question_qformer
 from export.llm import export_llm, kv_names
 from export.vision import export_vision
 from llamavid_ref.head import context_attention
@@ -44,10 +44,16 @@ def model(tmp_path_factory):
 def inputs(model):
     g = torch.Generator().manual_seed(1)
     px = torch.randn(5, 3, 28, 28, generator=g)                         # 5 frames: not the traced 2
-    ids, mask = model.qformer_tokenizer(["what color is the square ?", "how many ?"] + ["red"] * 3)
+    ids, mask = model.qformer_tokenizer(["what color is the square ?"])  # [1,L]: one question per head call
     with torch.no_grad():
         feats = model.vision(px)
     return px, feats, ids, mask
+
+
+def reference_head(model, feats, ids, mask):
+    """The reference takes the question once per frame."""
+    with torch.no_grad():
+        return model.head(feats, ids.expand(len(feats), -1), mask.expand(len(feats), -1)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,7 @@ def test_vision(model, inputs, graphs, suffix, bound):
                                          ("head_int8", INT8_REL["head"])])
 def test_head(model, inputs, graphs, name, bound):
     _, feats, ids, mask = inputs
-    with torch.no_grad():
-        ref = model.head(feats, ids, mask).numpy()
+    ref = reference_head(model, feats, ids, mask)
     out = run_head(graphs[name], feats, ids, mask)
     assert out.shape == (5, 2, 64) and rel(out, ref) < bound
 
@@ -95,13 +100,33 @@ def test_head(model, inputs, graphs, name, bound):
 def test_vision_and_head_at_bf16_on_openvino(model, inputs, graphs):
     px, feats, ids, mask = inputs
     vision, head = (OrtBackend("ort-openvino").open_stage(graphs[n]) for n in ("vision", "head_keys"))
-    with torch.no_grad():
-        ref = model.head(feats, ids, mask).numpy()
+    ref = reference_head(model, feats, ids, mask)
     out = vision.run({"pixel_values": px.numpy()})["vision_feats"]
     assert out.shape == (5, 17, 32) and rel(out, feats) < BF16_REL["vision"]
     assert 1e-5 < rel(out, feats)                                      # bf16 did run (fp32 is ~1e-7)
     out = head.run({"vision_feats": feats.numpy(), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()})
     assert out["frame_tokens"].shape == (5, 2, 64) and rel(out["frame_tokens"], ref) < BF16_REL["head"]
+
+
+@pytest.mark.parametrize("layers, freq", [(1, 1), (2, 2), (3, 2), (4, 3)])
+def test_question_qformer_equals_the_reference_per_frame(layers, freq):
+    """The export's Q-Former (frame-invariant layers once, text rows dropped in the last layer) against
+    the reference's on the question repeated per frame, for depths and cross-attention spacings where the
+    first cross-attention layer, the last layer, or both, are layer 0."""
+    from llamavid_ref.config import QFormerConfig
+    from llamavid_ref.qformer import QFormer
+    from llamavid_ref.tiny import random_init
+    torch.manual_seed(layers)
+    cfg = QFormerConfig(hidden=32, layers=layers, heads=4, ffn=64, vocab_size=50, max_positions=16,
+                        cross_attention_freq=freq, num_query=4)
+    qf = random_init(QFormer(cfg, encoder_width=24), std=0.2).eval()
+    queries, image = torch.randn(1, 4, 32), torch.randn(6, 9, 24)
+    ids, mask = torch.randint(0, 50, (1, 7)), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = qf(queries.expand(6, -1, -1), ids.expand(6, -1), mask.expand(6, -1), image)
+        out = question_qformer(qf, queries, ids, mask, image)
+    assert out.shape == (6, 4, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_folded_keys_equal_reference_formula():
@@ -155,8 +180,7 @@ def test_trt_head_runs_on_cpu_with_a_python_context_attention(model, inputs, gra
     so.register_custom_ops_library(ext.get_library_path())
     path = common.save_model(m, tmp_path / "head_trt_pyop.onnx")
     _, feats, ids, mask = inputs
-    with torch.no_grad():
-        ref = model.head(feats, ids, mask).numpy()
+    ref = reference_head(model, feats, ids, mask)
     out = run_head(path, feats, ids, mask, so)
     assert calls == [((5, 4, 32), (5, 16, 32), "1", "llamavid")]
     assert rel(out, ref) < 1e-5          # issue 5: the plugin-node graph within 1e-5 relative in fp32
