@@ -129,6 +129,21 @@ def test_question_qformer_equals_the_reference_per_frame(layers, freq):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens, shape", [("both", (5, 2, 64)), ("context", (5, 1, 64)), ("content", (5, 1, 64))])
+def test_export_head_follows_the_token_ablations(model, inputs, tokens, shape):
+    import copy
+    import dataclasses
+    from export.head import ExportHead
+    _, feats, ids, mask = inputs
+    head = copy.deepcopy(model.head)
+    head.cfg = dataclasses.replace(head.cfg, tokens=tokens)
+    with torch.no_grad():
+        ref = head(feats, ids.expand(5, -1), mask.expand(5, -1))
+        out = ExportHead(head, "folded")(feats, ids, mask)
+    assert out.shape == ref.shape == shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_folded_keys_equal_reference_formula():
     g = torch.Generator().manual_seed(0)
     text_q, patches = torch.randn(3, 4, 16, generator=g), torch.randn(3, 9, 16, generator=g)
