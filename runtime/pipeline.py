@@ -70,12 +70,16 @@ class Pipeline:
         manifest = read_manifest(root, verify_hashes)
         available = [backend] if backend else available_backends()
         stages, chosen, backends = {}, {}, {}
-        for name in ("vision", "head", "llm"):
-            v = choose_variant(manifest["stages"][name]["variants"], available, precision)
-            if v is None:
+        # (key, manifest stage, variant role): the llm's prefill graph is optional, every stage is not
+        for key, name, role in (("vision", "vision", None), ("head", "head", None), ("llm", "llm", None),
+                                ("llm_prefill", "llm", "prefill")):
+            v = choose_variant(manifest["stages"][name]["variants"], available, precision, role)
+            if v is None and role is None:
                 have = sorted({(x["backend"], x["precision"]) for x in manifest["stages"][name]["variants"]})
                 raise RuntimeError(f"stage {name}: expected a variant for backend {available}"
                                    f"{f' in {precision}' if precision else ''}, found only {have}")
+            if v is None:
+                continue
             if v["backend"] not in available:                 # an ort-cuda graph on the CPU provider
                 v = {**v, "backend": "ort-cpu"}
             try:
@@ -83,19 +87,10 @@ class Pipeline:
                     check_built_with(root / v["file"], v["built_with"])
                 if v["backend"] not in backends:              # one backend object (one CUDA stream) per backend
                     backends[v["backend"]] = open_backend(v["backend"], threads, spin)
-                stages[name] = backends[v["backend"]].open_stage(root / v["file"], io=manifest["stages"][name])
+                stages[key] = backends[v["backend"]].open_stage(root / v["file"], io=manifest["stages"][name])
             except ValueError as e:
-                raise ManifestError(f"artifacts {root}: stage {name}: {e}") from e
-            chosen[name] = v
-        prefill = choose_variant(manifest["stages"]["llm"]["variants"], available, precision, role="prefill")
-        if prefill is not None:
-            backends.setdefault(prefill["backend"], open_backend(prefill["backend"], threads, spin))
-            try:
-                stages["llm_prefill"] = backends[prefill["backend"]].open_stage(root / prefill["file"],
-                                                                               io=manifest["stages"]["llm"])
-            except ValueError as e:
-                raise ManifestError(f"artifacts {root}: stage llm (prefill): {e}") from e
-            chosen["llm_prefill"] = prefill
+                raise ManifestError(f"artifacts {root}: stage {key}: {e}") from e
+            chosen[key] = v
         return cls(root, manifest, stages, chosen)
 
     def describe(self) -> str:
@@ -202,25 +197,30 @@ class Pipeline:
         """One LLM call: embeds [1,T,H] at positions total-T..total-1 -> logits [1,1,V]. A call with
         T == total starts a new sequence of at most `capacity` positions; it runs on the prefill graph
         when the manifest has one that runs here."""
-        first = total == embeds.shape[1]
-        if first and self.kv_layout == "shared":                                # (re)allocate the KV buffers
-            kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
-            if not self._kv or self._kv[0].shape[2] < capacity:
-                self._kv = [np.zeros((1, kvh, capacity, d), np.float32) for _ in self.past_names]
-                self._mask = np.ones((1, capacity), np.int64)
-                self._logits = np.empty((1, 1, self.manifest["llm"]["vocab_size"]), np.float32)
-        if first and "llm_prefill" in self.stages:
-            return self._run_prefill(embeds)
+        if total == embeds.shape[1]:
+            self._new_sequence(capacity)
+            if "llm_prefill" in self.stages:
+                return self._run_prefill(embeds)
         run = self._run_shared if self.kv_layout == "shared" else self._run_concat
         return run(embeds, total)
+
+    def _new_sequence(self, capacity: int):
+        """An empty KV cache: concat layout, empty pasts; shared layout, buffers of `capacity` positions
+        (kept from the last answer when large enough: positions beyond `total` are masked out)."""
+        kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
+        if self.kv_layout == "concat":
+            self._past = [np.zeros((1, kvh, 0, d), np.float32) for _ in self.past_names]
+        elif not self._kv or self._kv[0].shape[2] < capacity:
+            self._kv = [np.zeros((1, kvh, capacity, d), np.float32) for _ in self.past_names]
+            self._mask = np.ones((1, capacity), np.int64)
+            self._logits = np.empty((1, 1, self.manifest["llm"]["vocab_size"]), np.float32)
 
     def _run_prefill(self, embeds) -> np.ndarray:
         """The prefill graph (plain: empty past in, present [1,kvh,T,d] out); its cache becomes the decoder's."""
         kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
-        empty = np.zeros((1, kvh, 0, d), np.float32)
         T = embeds.shape[1]
         out = self.stages["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": np.ones((1, T), np.int64),
-                                              **{n: empty for n in self.past_names}})
+                                              **{n: np.zeros((1, kvh, 0, d), np.float32) for n in self.past_names}})
         present = [out[n] for n in self.present_names]
         if self.kv_layout == "shared":
             for buf, kv in zip(self._kv, present):
@@ -237,9 +237,6 @@ class Pipeline:
 
     def _run_concat(self, embeds, total: int) -> np.ndarray:
         """Plain graph: present = concat(past, new) is fed back as the next past."""
-        if total == embeds.shape[1]:
-            kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
-            self._past = [np.zeros((1, kvh, 0, d), np.float32) for _ in self.past_names]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
                  **dict(zip(self.past_names, self._past))}
         out = self.stages["llm"].run(feeds)
