@@ -252,7 +252,7 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
     from llamavid_ref.head import DualTokenHead
     from llamavid_ref.tiny import random_init
     from llamavid_ref.vision import EvaViT
-    from runtime.backends.ort import OrtBackend
+    from runtime.backends.ort import OrtBackend, openvino_bf16_cpu
 
     if threads:
         torch.set_num_threads(threads)
@@ -269,18 +269,22 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
     with torch.no_grad():
         feats = stub.vision(px)
     ort_backend = OrtBackend("ort-cpu", threads, spin=False)
+    ov = [OrtBackend("ort-openvino", threads)] if openvino_bf16_cpu() is not None else []   # the fp16 build's CPU path
     out = {"gemm_peak_gflops": gemm_peak_gflops(), "frames": F}
     paths = {"vision": export_vision(stub, work / "vision.onnx"),
              "head_keys": export_head(stub, work / "head_keys.onnx", "keys"),
              "head_folded": export_head(stub, work / "head_folded.onnx", "folded")}
     hfeeds = {"vision_feats": feats.numpy(), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()}
     head_forms = {f"ort_{form}": lambda form=form: ExportHead(stub.head, form)(feats, ids, mask) for form in ("keys", "folded")}
-    cases = [("vision", lambda: stub.vision(px), {"pixel_values": px.numpy()}, [("ort", paths["vision"])], {}),
+    head_forms["ov_bf16"] = head_forms["ort_keys"]
+    cases = [("vision", lambda: stub.vision(px), {"pixel_values": px.numpy()},
+              [("ort", paths["vision"], ort_backend)] + [("ov_bf16", paths["vision"], b) for b in ov], {}),
              ("head", lambda: stub.head(feats, ids.expand(F, -1), mask.expand(F, -1)), hfeeds,
-              [("ort_keys", paths["head_keys"]), ("ort_folded", paths["head_folded"])], head_forms)]
+              [("ort_keys", paths["head_keys"], ort_backend), ("ort_folded", paths["head_folded"], ort_backend)]
+              + [("ov_bf16", paths["head_keys"], b) for b in ov], head_forms)]
     for name, fn, feeds, graphs, forms in cases:
         flop = {"torch": flops_of(fn) / F} | {key: flops_of(f) / F for key, f in forms.items()}   # what each computes
-        runs = {"torch": fn} | {key: (lambda s=ort_backend.open_stage(path): s.run(feeds)) for key, path in graphs}
+        runs = {"torch": fn} | {key: (lambda s=b.open_stage(path): s.run(feeds)) for key, path, b in graphs}
         with torch.no_grad():
             secs = alternating(runs, repeats)
         row = {"gflop_per_frame": flop["torch"] / 1e9}
@@ -467,6 +471,11 @@ def _report_vision_head(r: dict) -> list[str]:
                      f"{h['torch_ms_per_frame']:.1f} | "
                      f"{h[f'ort_{form}_ms_per_frame']:.1f} | {h['torch_gflops']:.0f} | "
                      f"{h[f'ort_{form}_gflops']:.0f} ({100 * h[f'ort_{form}_gflops'] / peak:.0f}%) |")
+    for stage, row in (("vision", v), ("head, keys form", h)):
+        if "ov_bf16_ms_per_frame" in row:
+            lines.append(f"| {stage}, ort-openvino bf16 (fp16 build) | {row['ov_bf16_gflop_per_frame']:.1f} | "
+                         f"{row['torch_ms_per_frame']:.1f} | {row['ov_bf16_ms_per_frame']:.1f} | "
+                         f"{row['torch_gflops']:.0f} | {row['ov_bf16_gflops']:.0f} (bf16; the peak is fp32's) |")
     return lines
 
 
