@@ -2,7 +2,7 @@
 
     load(checkpoint) -> [tokenizers] -> [vision] -> [head] -> [llm] -> manifest.json
         --target tensorrt (or auto, with TensorRT and a CUDA device here) -> [engines] -> manifest.json again
-    each stage: build key = sha256(checkpoint files, options, exporter sources, versions);
+    each stage: build key = sha256(checkpoint files, options, exporter and reference sources, versions);
                 unchanged key + intact files -> skipped; else written in .staging/ and moved in place.
     engines:    export/trt.py's plan (checked on CPU first) -> vision/head engines, listed first in their
                 stages' variants; key = sha256(source ONNX files, plan, TensorRT version, GPU SM), so a
@@ -31,6 +31,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import llamavid_ref
+
 from . import common, trt
 from .head import PLUGIN, export_head
 from .llm import export_llm, save_embeddings
@@ -41,6 +43,7 @@ from .vision import export_vision
 PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
 HEAD_FORM = "keys"        # the reference form; "folded" measured no faster at 7B shapes (docs/BENCHMARKS.md)
 STATE = ".build"          # per-stage build records
+SOURCE_DIRS = (Path(__file__).parent, Path(llamavid_ref.__file__).parent)   # the exporters and the modules they trace
 
 
 class BuildError(RuntimeError):
@@ -76,8 +79,9 @@ def build_key(ckpt_root: Path, options: dict) -> str:
     h = hashlib.sha256()
     for p in checkpoint_files(ckpt_root):
         h.update(f"{p.relative_to(ckpt_root)}:{sha256(p)}\n".encode())
-    for p in sorted(Path(__file__).parent.glob("*.py")):          # the exporters themselves
-        h.update(p.read_bytes())
+    for src in SOURCE_DIRS:
+        for p in sorted(src.glob("*.py")):
+            h.update(p.read_bytes())
     h.update(json.dumps([options, versions()], sort_keys=True).encode())
     return h.hexdigest()
 
@@ -177,7 +181,6 @@ def resolve_target(target: str, log=print) -> str:
 
 
 def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "auto", log=print) -> Path:
-    import llamavid_ref
     from llamavid_ref.checkpoint import DEFAULT_MODEL_DIR
     if precision not in PRECISIONS:
         raise BuildError(f"--precision: expected one of {PRECISIONS}, found {precision!r}")

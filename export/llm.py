@@ -47,8 +47,8 @@ class _PlainDecoder(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, *past_flat):
         past = [(past_flat[i], past_flat[i + 1]) for i in range(0, len(past_flat), 2)]
-        logits, present = self.llm(inputs_embeds, attention_mask, None, past)
-        return (logits[:, -1:], *[t for kv in present for t in kv])
+        logits, present = self.llm(inputs_embeds, attention_mask, None, past, last_only=True)
+        return (logits, *[t for kv in present for t in kv])
 
 
 def export_llm_plain(model, path: Path) -> Path:

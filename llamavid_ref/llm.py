@@ -117,8 +117,10 @@ class LlamaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past: KVCache | None = None):
-        """inputs_embeds [B,T,H]; attention_mask [B,past+T]; position_ids [B,T] -> (logits [B,T,V], present)."""
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past: KVCache | None = None,
+                last_only: bool = False):
+        """inputs_embeds [B,T,H]; attention_mask [B,past+T]; position_ids [B,T] -> (logits [B,T,V], present);
+        last_only: logits [B,1,V] of the last position (norm and lm_head skip the others)."""
         B, T, _ = inputs_embeds.shape
         past_len = past[0][0].shape[2] if past else 0
         if attention_mask is None:
@@ -131,4 +133,6 @@ class LlamaLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, mask, past[i] if past else None)
             present.append(kv)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x)), present

@@ -101,6 +101,20 @@ def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(built, tmp_path):
     open_onnx_variants(out)
 
 
+def test_build_key_follows_the_traced_reference_sources(built, tmp_path, monkeypatch):
+    ckpt, _ = built
+    dirs = [tmp_path / "export", tmp_path / "llamavid_ref"]
+    for src, dst in zip(build_mod.SOURCE_DIRS, dirs):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "default_model"))
+    assert {d.name for d in build_mod.SOURCE_DIRS} == {"export", "llamavid_ref"}
+    monkeypatch.setattr(build_mod, "SOURCE_DIRS", tuple(dirs))
+    key = build_mod.build_key(ckpt, {"precision": "fp16"})
+    assert build_mod.build_key(ckpt, {"precision": "fp16"}) == key
+    llm = dirs[1] / "llm.py"
+    llm.write_text(llm.read_text() + "\n# an edit to a module the exporters trace\n")
+    assert build_mod.build_key(ckpt, {"precision": "fp16"}) != key
+
+
 def test_plan_table_says_what_runs_where(built):
     _, art = built
     table = build_mod.plan_table(read_manifest(art), ["ort-cpu"])

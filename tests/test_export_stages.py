@@ -245,7 +245,7 @@ def test_llm_plain_prefill_and_decode(model, graphs):
     feeds = {"inputs_embeds": emb.numpy(), "attention_mask": np.ones((1, 6), np.int64),
              **{n: np.zeros((1, c.kv_heads, 0, c.head_dim), np.float32) for n in past}}
     out = s.run(None, feeds)
-    assert rel(out[0][0, -1], l1[0, -1]) < FP32_REL
+    assert out[0].shape == (1, 1, c.vocab_size) and rel(out[0][0, -1], l1[0, -1]) < FP32_REL
     feeds = {"inputs_embeds": nxt.numpy(), "attention_mask": np.ones((1, 7), np.int64), **dict(zip(past, out[1:]))}
     out = s.run(None, feeds)
     assert rel(out[0][0, -1], l2[0, -1]) < FP32_REL and out[1].shape == (1, 2, 7, 16)

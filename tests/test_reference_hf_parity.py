@@ -103,7 +103,9 @@ def test_llm_matches_llama_for_causal_lm(model, rope_scaling):
             # and with a KV cache: 30 tokens, then 10 more
             first, past = model.llm(embeds[:, :30])
             second, _ = model.llm(embeds[:, 30:], past=past)
+            last, _ = model.llm(embeds, last_only=True)                      # what the exported decoders emit
         assert rel_err(ours, theirs) < RTOL
+        assert last.shape == (1, 1, c.vocab_size) and rel_err(last, theirs[:, -1:]) < RTOL
         assert rel_err(torch.cat([first, second], 1), theirs) < RTOL
     finally:
         model.llm.cfg.rope_scaling = 1.0
