@@ -413,7 +413,36 @@ def drive_decoder(session, c, prompt_len: int, steps: int, shared: bool, max_seq
     return prefill, steps / (time.perf_counter() - t)
 
 
-def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threads=None) -> dict:
+def matmul_weight_bytes(path: Path) -> int:
+    """Bytes of the constant MatMul operands in an ONNX graph: what one decode step streams from memory."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+             for t in m.graph.initializer}
+    return sum(sizes.get(i, 0) for n in m.graph.node if n.op_type == "MatMul" for i in n.input)
+
+
+def gemv_roofline(work: Path, weight_bytes: int, k: int, so) -> float:
+    """Passes per second of one fp32 MatMul [1,k] x [k,n] whose weight is `weight_bytes` large: the decode
+    tokens/s this machine's memory allows when every step reads that many weight bytes once."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.common import OPSET, save_model
+    n = weight_bytes // (4 * k)
+    w = np.full((k, n), 0.01, np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), work / "gemv.onnx")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = np.ones((1, k), np.float32)
+    return 1 / timed(lambda: s.run(None, {"x": x}), 11)
+
+
+def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threads=None, rounds: int = 3) -> dict:
     import subprocess
 
     import onnxruntime as ort
@@ -441,14 +470,18 @@ def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threa
               "decode_steps": steps}
     sessions = {name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
     runs = {name: [] for name in paths}
-    for _ in range(3):                        # rounds, alternating systems so that load changes hit all
+    for _ in range(rounds):                   # rounds, alternating systems so that load changes hit all
         for name, s in sessions.items():
             shared = not name.startswith("ours_plain")       # the builder's CPU graph shares past/present too
             runs[name].append(drive_decoder(s, c, prompt_len, steps, shared, max_seq))
             time.sleep(0.5)                   # let spinning worker threads settle between systems
     for name, r in runs.items():
-        result[name] = {"prefill_ms": min(x[0] for x in r) * 1e3, "decode_tok_s": max(x[1] for x in r)}
+        result[name] = {"prefill_ms": statistics.median(x[0] for x in r) * 1e3,
+                        "decode_tok_s": statistics.median(x[1] for x in r)}
         print(f"[bench] {name}: {result[name]}", file=sys.stderr)
+    result["decode_ratio_by_round"] = [o[1] / g[1] for o, g in zip(runs["ours_fused"], runs["genai_fp32"])]
+    result["weight_bytes"] = matmul_weight_bytes(paths["ours_fused"])
+    result["roofline_tok_s"] = gemv_roofline(work, result["weight_bytes"], c.hidden, so)
     return result
 
 
@@ -484,10 +517,17 @@ def _report_vision_head(r: dict) -> list[str]:
 def _report_llm(llm: dict) -> list[str]:
     lines = ["", f"LLM: {llm['model']}, {llm['prompt_tokens']}-token prompt, {llm['decode_steps']} decode steps, "
              "inputs_embeds decoders driven by the same plain-ORT loop", "",
-             "| decoder | precision | prefill ms | decode tok/s |", "|---|---|---|---|"]
+             "| decoder | precision | prefill ms | decode tok/s | % of the fp32 roofline |", "|---|---|---|---|---|"]
     for name, prec in (("ours_fused", "fp32"), ("ours_plain", "fp32"), ("genai_fp32", "fp32"),
                        ("ours_fused_int8", "int8 (dynamic)"), ("genai_int4", "int4 (MatMulNBits)")):
-        lines.append(f"| {name} | {prec} | {llm[name]['prefill_ms']:.1f} | {llm[name]['decode_tok_s']:.1f} |")
+        tok_s = llm[name]["decode_tok_s"]
+        share = f"{100 * tok_s / llm['roofline_tok_s']:.0f}%" if prec == "fp32" else "-"
+        lines.append(f"| {name} | {prec} | {llm[name]['prefill_ms']:.1f} | {tok_s:.1f} | {share} |")
+    ratios = ", ".join(f"{r:.2f}" for r in llm["decode_ratio_by_round"])
+    lines += ["", f"ours_fused / genai_fp32 decode, by round: {ratios} (median "
+              f"{statistics.median(llm['decode_ratio_by_round']):.2f})",
+              f"fp32 roofline: one MatMul streaming the decoder's {llm['weight_bytes'] / 1e6:.0f} MB of weights, "
+              f"{llm['roofline_tok_s']:.1f} passes/s"]
     return lines
 
 
@@ -497,7 +537,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="the PyTorch checkpoint (default: the one the artifacts were built from)")
     ap.add_argument("--frames", type=int, default=60, help="largest number of frames (TTFT also at 1, 8, 30)")
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, help="alternating rounds (default 5; with --released-shapes 2 for "
+                                                 "vision/head, 3 for the LLM)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG of time to first token against frames")
@@ -508,13 +549,13 @@ def main(argv=None) -> int:
         r = {}
         with tempfile.TemporaryDirectory() as tmp:
             if a.part in ("all", "vision-head"):
-                r["vision_head"] = bench_released_vision_head(Path(tmp), threads=a.threads)
+                r["vision_head"] = bench_released_vision_head(Path(tmp), repeats=a.repeats or 2, threads=a.threads)
             if a.part in ("all", "llm"):
-                r["llm"] = bench_llm_vs_genai(Path(tmp), threads=a.threads)
+                r["llm"] = bench_llm_vs_genai(Path(tmp), threads=a.threads, rounds=a.repeats or 3)
         print(report_released(r))
     elif a.artifacts:
         frames = sorted({f for f in (1, 8, 30, a.frames) if f <= a.frames})
-        r = bench_artifacts(a.artifacts, a.checkpoint, frames, a.decode_steps, a.repeats, a.threads)
+        r = bench_artifacts(a.artifacts, a.checkpoint, frames, a.decode_steps, a.repeats or 5, a.threads)
         print(report_artifacts(r))
         if a.plot and plot_ttft(r, a.plot):
             print(f"plot: {a.plot}")
