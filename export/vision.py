@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import torch_export
@@ -26,22 +25,36 @@ INPUTS, OUTPUTS = ("pixel_values",), ("vision_feats",)
 
 
 class ExportVision(nn.Module):
-    """llamavid_ref's EvaViT (same weights, same outputs within fp32 rounding) in the export form above."""
+    """llamavid_ref's EvaViT (same weights, same outputs within fp32 rounding) in the export form above.
+    The q/k/v weights are split (and q scaled) here, once, so that the graph holds them as constants:
+    sliced at run time they would be copied on every call and ORT could not pre-pack them."""
 
     def __init__(self, vit):
         super().__init__()
         self.vit = vit
+        self.qkv = nn.ModuleList(self._split(block.attn) for block in vit.blocks)
 
-    def attention(self, attn, x):                                   # x [F,T,C]
+    @staticmethod
+    def _split(attn) -> nn.ModuleList:
+        """The reference's fused qkv [3C,C] -> q (scaled, with q_bias), k (no bias: it is zero), v (v_bias)."""
+        C = attn.q_bias.shape[0]
+        W = attn.qkv.weight.detach()
+        linears = nn.ModuleList([nn.Linear(C, C), nn.Linear(C, C, bias=False), nn.Linear(C, C)])
+        with torch.no_grad():
+            for lin, w, b in zip(linears, (W[:C] * attn.scale, W[C:2 * C], W[2 * C:]),
+                                 (attn.q_bias * attn.scale, None, attn.v_bias)):
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+        return linears
+
+    def attention(self, attn, qkv, x):                              # x [F,T,C]
         Fr, T, C = x.shape
-        W = attn.qkv.weight                                          # [3C,C]: q, k, v rows
 
         def heads(t):                                                # [F,T,C] -> [F,h,T,d]
             return t.reshape(Fr, T, attn.heads, C // attn.heads).transpose(1, 2)
 
-        q = heads(F.linear(x, W[:C] * attn.scale, attn.q_bias * attn.scale))
-        k = heads(F.linear(x, W[C:2 * C]))                           # the k bias is zero
-        v = heads(F.linear(x, W[2 * C:], attn.v_bias))
+        q, k, v = (heads(lin(x)) for lin in qkv)
         out = (q @ k.transpose(-2, -1)).softmax(-1) @ v              # [F,h,T,d]
         return attn.proj(out.transpose(1, 2).reshape(Fr, T, C))
 
@@ -49,8 +62,8 @@ class ExportVision(nn.Module):
         v = self.vit
         x = v.patch_embed(pixel_values)                              # [F,N,C]
         x = torch.cat([v.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + v.pos_embed
-        for block in v.blocks:
-            x = x + self.attention(block.attn, block.norm1(x))
+        for block, qkv in zip(v.blocks, self.qkv):
+            x = x + self.attention(block.attn, qkv, block.norm1(x))
             x = x + block.mlp(block.norm2(x))
         return x                                                     # [F,N+1,C]
 

@@ -153,6 +153,26 @@ def test_folded_keys_equal_reference_formula():
     torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-6)   # the key bias cancels in the softmax
 
 
+def computed_weights(path) -> list[str]:
+    """MatMul/Gemm weight operands that the graph computes from its initializers on every run (a slice or
+    a scale of a weight) instead of holding as an initializer: copied per call, and never pre-packed by
+    ORT's CPU provider. A tensor depends on the data when it derives from a graph input other than
+    through Shape (shapes alone are not data)."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in g.initializer}
+    data = {i.name for i in g.input} - inits
+    for n in g.node:                                             # nodes are topologically sorted
+        if n.op_type != "Shape" and any(i in data for i in n.input):
+            data.update(n.output)
+    return [n.name for n in g.node if n.op_type in ("MatMul", "Gemm")
+            and n.input[1] not in inits and n.input[1] not in data]
+
+
+@pytest.mark.parametrize("name", ["vision", "head", "head_keys", "llm", "llm_plain"])
+def test_weights_are_constants_in_the_graph(graphs, name):
+    assert computed_weights(graphs[name]) == []
+
+
 def test_trt_head_has_one_plugin_node_with_the_contract(graphs):
     m = onnx.load(str(graphs["head_trt"]))
     nodes = [n for n in m.graph.node if n.domain == PLUGIN["domain"]]
