@@ -39,7 +39,7 @@ class ExportVision(nn.Module):
         """The reference's fused qkv [3C,C] -> q (scaled, with q_bias), k (no bias: it is zero), v (v_bias)."""
         C = attn.q_bias.shape[0]
         W = attn.qkv.weight.detach()
-        linears = nn.ModuleList([nn.Linear(C, C), nn.Linear(C, C, bias=False), nn.Linear(C, C)])
+        linears = nn.ModuleList(nn.utils.skip_init(nn.Linear, C, C, bias=b) for b in (True, False, True))
         with torch.no_grad():
             for lin, w, b in zip(linears, (W[:C] * attn.scale, W[C:2 * C], W[2 * C:]),
                                  (attn.q_bias * attn.scale, None, attn.v_bias)):

