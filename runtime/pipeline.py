@@ -209,18 +209,22 @@ class Pipeline:
         (kept from the last answer when large enough: positions beyond `total` are masked out)."""
         kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
         if self.kv_layout == "concat":
-            self._past = [np.zeros((1, kvh, 0, d), np.float32) for _ in self.past_names]
+            self._past = self._empty_past()
         elif not self._kv or self._kv[0].shape[2] < capacity:
             self._kv = [np.zeros((1, kvh, capacity, d), np.float32) for _ in self.past_names]
             self._mask = np.ones((1, capacity), np.int64)
             self._logits = np.empty((1, 1, self.manifest["llm"]["vocab_size"]), np.float32)
 
+    def _empty_past(self) -> list[np.ndarray]:
+        """A zero-length past [1,kvh,0,d] per past input (the plain graph's start of a sequence)."""
+        kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
+        return [np.zeros((1, kvh, 0, d), np.float32) for _ in self.past_names]
+
     def _run_prefill(self, embeds) -> np.ndarray:
         """The prefill graph (plain: empty past in, present [1,kvh,T,d] out); its cache becomes the decoder's."""
-        kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
         T = embeds.shape[1]
         out = self.stages["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": np.ones((1, T), np.int64),
-                                              **{n: np.zeros((1, kvh, 0, d), np.float32) for n in self.past_names}})
+                                              **dict(zip(self.past_names, self._empty_past()))})
         present = [out[n] for n in self.present_names]
         if self.kv_layout == "shared":
             for buf, kv in zip(self._kv, present):
