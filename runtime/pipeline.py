@@ -207,10 +207,10 @@ class Pipeline:
     def _new_sequence(self, capacity: int):
         """An empty KV cache: concat layout, empty pasts; shared layout, buffers of `capacity` positions
         (kept from the last answer when large enough: positions beyond `total` are masked out)."""
-        kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
         if self.kv_layout == "concat":
             self._past = self._empty_past()
         elif not self._kv or self._kv[0].shape[2] < capacity:
+            kvh, d = self.manifest["llm"]["kv_heads"], self.manifest["llm"]["head_dim"]
             self._kv = [np.zeros((1, kvh, capacity, d), np.float32) for _ in self.past_names]
             self._mask = np.ones((1, capacity), np.int64)
             self._logits = np.empty((1, 1, self.manifest["llm"]["vocab_size"]), np.float32)
