@@ -32,12 +32,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import llamavid_ref
+from runtime.manifest import (FRAME_CHUNK, FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, kv_names, sha256,
+                              stage_io, write_manifest)
 
 from . import common, trt
 from .head import PLUGIN, export_head
 from .llm import export_llm, save_embeddings
-from .manifest import (FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, prompt_section, sha256, stage_io,
-                       write_manifest)
 from .vision import export_vision
 
 PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
@@ -281,25 +281,45 @@ def _intact(out: Path, files: dict) -> bool:
     return all((out / n).is_file() and sha256(out / n) == h for n, h in files.items())
 
 
+def prompt_section(cfg) -> dict:
+    from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+    from llamavid_ref.templates import TEMPLATES
+    t = TEMPLATES[cfg.template]
+    return {"template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
+            "image_placeholder": IMAGE_PLACEHOLDER, "image_token_id": IMAGE_TOKEN_INDEX,
+            "media_prefix": IMAGE_PLACEHOLDER + "\n"}
+
+
+def model_io(cfg, kv_layout: str) -> dict:
+    """runtime.manifest.stage_io for a LlamaVidConfig."""
+    v, c = cfg.vision, cfg.llm
+    return stage_io(v.image_size, v.num_patches + 1, v.width, cfg.tokens_per_frame, c.hidden, c.layers, c.kv_heads,
+                    c.head_dim, c.vocab_size, kv_layout)
+
+
 def make_manifest(model, name, precision, target, resolved, key, variants, files, checkpoint) -> dict:
     cfg = model.config
-    form = llm_form(cfg)
-    io = stage_io(cfg, "shared" if form == "fused" else "concat")
+    layout = "shared" if llm_form(cfg) == "fused" else "concat"
+    io = model_io(cfg, layout)
     tok = "tokenizer/" + model.tokenizer.path.name
+    prompt = prompt_section(cfg)
+    past, present = kv_names(cfg.llm.layers)
+    c = cfg.llm
     return {
         "format": FORMAT, "manifest_version": MANIFEST_VERSION,
         "model": {"name": name, "config": cfg.to_dict(), "tokens_per_frame": cfg.tokens_per_frame,
-                  "vision_width": cfg.vision.width, "llm_hidden": cfg.llm.hidden},
+                  "vision_width": cfg.vision.width, "llm_hidden": c.hidden},
         "preprocess": {"image_size": cfg.vision.image_size, "mean": list(cfg.image_mean),
                        "std": list(cfg.image_std), "image_aspect_ratio": cfg.image_aspect_ratio, "video_fps": 1.0},
-        "prompt": prompt_section(cfg),
-        "special_ids": {"bos": cfg.llm.bos_id, "eos": cfg.llm.eos_id, "pad": cfg.llm.pad_id,
-                        "image": prompt_section(cfg)["image_token_id"]},
+        "prompt": prompt,
+        "special_ids": {"bos": c.bos_id, "eos": c.eos_id, "pad": c.pad_id, "image": prompt["image_token_id"]},
         "tokenizers": {"llm": tok, "qformer": "tokenizer/qformer_vocab.txt",
                        "qformer_max_length": cfg.qformer.max_text_len},
-        "llm": {"context": cfg.llm.max_positions, "max_token": cfg.max_token, "layers": cfg.llm.layers,
-                "kv_heads": cfg.llm.kv_heads, "head_dim": cfg.llm.head_dim, "vocab_size": cfg.llm.vocab_size,
-                "kv_layout": "shared" if form == "fused" else "concat", "embeddings": "llm/embed_tokens.npy"},
+        "runtime": {"frame_chunk": FRAME_CHUNK},
+        "llm": {"context": c.max_positions, "max_token": cfg.max_token, "layers": c.layers, "kv_heads": c.kv_heads,
+                "head_dim": c.head_dim, "hidden": c.hidden, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+                "rope_scaling": c.rope_scaling, "kv_layout": layout, "past_names": past, "present_names": present,
+                "embeddings": "llm/embed_tokens.npy"},
         "stages": {s: {**io[s], "variants": variants[s]} for s in ("vision", "head", "llm")},
         "build": {"precision": precision, "target": target, "resolved_target": resolved, "key": key,
                   "checkpoint": checkpoint},

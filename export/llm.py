@@ -22,15 +22,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from runtime.manifest import kv_names
+
 from .common import OPSET, save_model, torch_export
 
 FORMS = ("fused", "plain")
 MS = "com.microsoft"
-
-
-def kv_names(layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return past, [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 def save_embeddings(model, path: Path) -> Path:

@@ -152,9 +152,8 @@ def creator_from_source(src: Path | None = None, library: Path | None = None) ->
 
 def runtime_dims(manifest: dict) -> dict:
     """Dim symbol -> (min, max) of what runtime/pipeline.py asks the vision and head stages for:
-    frames in chunks of 1..FRAME_CHUNK, Q-Former prompts of 1..qformer_max_length tokens."""
-    from runtime.pipeline import FRAME_CHUNK
-    return {"frames": (1, FRAME_CHUNK), "text": (1, manifest["tokenizers"]["qformer_max_length"])}
+    frames in chunks of 1..the manifest's frame_chunk, Q-Former prompts of 1..qformer_max_length tokens."""
+    return {"frames": (1, manifest["runtime"]["frame_chunk"]), "text": (1, manifest["tokenizers"]["qformer_max_length"])}
 
 
 def _trt_source(stage: str, entry: dict) -> dict:
@@ -188,7 +187,7 @@ def make_plan(root, manifest: dict | None = None, max_frames: int | None = None,
     Profiles: frames 1..max_frames (opt = max: full chunks dominate a video), text 1..max_text (opt
     OPT_TEXT); the defaults are what the runtime asks for (runtime_dims)."""
     if manifest is None:
-        from .manifest import read_manifest
+        from runtime.manifest import read_manifest
         manifest = read_manifest(Path(root))
     runtime = runtime_dims(manifest)
     max_frames = max_frames or runtime["frames"][1]
@@ -257,7 +256,7 @@ def check_profiles(plan: EnginePlan) -> list[Check]:
                             if sym in sp.io["inputs"][n]["shape"])
             out.append(Check("profiles", sp.stage, False,
                              f"{n} {list(s)} is outside the profile min {list(d.min)} max {list(d.max)}; the runtime "
-                             f"asks for {why} (frames: runtime/pipeline.py FRAME_CHUNK, text: manifest "
+                             f"asks for {why} (frames: manifest runtime.frame_chunk, text: manifest "
                              f"tokenizers.qformer_max_length): raise --max-frames / --max-text"))
             continue
         ranges = "; ".join(f"{n} {list(d.min)}..{list(d.max)} opt {list(d.opt)}" for n, d in sp.profile.items())
@@ -576,7 +575,7 @@ def engine_variants(plan: EnginePlan, built_with: dict) -> dict:
 def record_engines(plan: EnginePlan, built_with: dict) -> Path:
     """Put the engines first in their stages' variants and in 'files' of manifest.json (rewritten atomically).
     The manifest's hashes were verified when the plan was made (or it was just written): not read again."""
-    from .manifest import hash_files, read_manifest, write_manifest
+    from runtime.manifest import hash_files, read_manifest, write_manifest
     root = Path(plan.root)
     m = read_manifest(root, verify_hashes=False)
     for stage, v in engine_variants(plan, built_with).items():

@@ -375,7 +375,7 @@ class _LLMStub(torch.nn.Module):
 def drive_decoder(session, c, prompt_len: int, steps: int, shared: bool, max_seq: int) -> tuple[float, float]:
     """Prefill `prompt_len` random embeddings then `steps` greedy steps with plain ORT.
     Returns (prefill seconds, decode tokens/s)."""
-    from export.llm import kv_names
+    from runtime.manifest import kv_names
     past, present = kv_names(c.layers)
     names = [i.name for i in session.get_inputs()]
     rng = np.random.default_rng(0)

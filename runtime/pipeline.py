@@ -20,17 +20,16 @@ from typing import Iterator
 
 import numpy as np
 
-from export.manifest import ManifestError, read_manifest
-from llamavid_ref.config import FRAME_CHUNK
+from runtime.manifest import ManifestError, read_manifest
 
 from .backends import available_backends, choose_variant, open_backend
 from .backends.tensorrt import check_built_with
 
 
 def frame_chunk(manifest: dict, chosen: dict) -> int:
-    """Frames per vision/head call: FRAME_CHUNK, or fewer where a chosen engine's optimisation profile
-    stops below it (an engine variant records its profile: input -> min/opt/max shapes)."""
-    limits = [FRAME_CHUNK]
+    """Frames per vision/head call: the manifest's frame_chunk, or fewer where a chosen engine's optimisation
+    profile stops below it (an engine variant records its profile: input -> min/opt/max shapes)."""
+    limits = [manifest["runtime"]["frame_chunk"]]
     for stage in ("vision", "head"):
         inputs = manifest["stages"][stage]["inputs"]
         for name, dims in chosen[stage].get("profile", {}).items():

@@ -12,7 +12,7 @@ import pytest
 import llamavid_ref
 from export import build as build_mod
 from export.build import BuildError, build
-from export.manifest import MANIFEST_VERSION, ManifestError, read_manifest
+from runtime.manifest import MANIFEST_VERSION, ManifestError, read_manifest
 from llamavid_ref.config import from_name
 from llamavid_ref.tiny import tiny_model
 from runtime.backends.ort import OrtBackend

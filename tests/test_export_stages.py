@@ -126,7 +126,8 @@ def test_question_qformer_equals_the_reference_per_frame(layers, freq):
         ref = qf(queries.expand(6, -1, -1), ids.expand(6, -1), mask.expand(6, -1), image)
         out = question_qformer(qf, queries, ids, mask, image)
     assert out.shape == (6, 4, 32)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # fp32 rounding of a different summation order: 1e-5 of the output's scale (~0.5), not of each element
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
 
 
 @pytest.mark.parametrize("tokens, shape", [("both", (5, 2, 64)), ("context", (5, 1, 64)), ("content", (5, 1, 64))])

@@ -8,7 +8,7 @@ import pytest
 import llamavid_ref
 from export import build as build_mod
 from export import trt
-from export.manifest import read_manifest
+from runtime.manifest import read_manifest
 from kernels.cuda_available import cuda_available
 from llamavid_ref.tiny import tiny_model
 from runtime.backends.ort import OrtBackend

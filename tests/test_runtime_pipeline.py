@@ -12,7 +12,7 @@ from PIL import Image
 
 import llamavid_ref
 from export.build import build
-from export.manifest import ManifestError
+from runtime.manifest import ManifestError
 from llamavid_ref.model import Chat
 from llamavid_ref.templates import question_prompt
 from llamavid_ref.video import VideoError, write_video

@@ -22,7 +22,7 @@ import llamavid_ref
 from export import build as build_mod
 from export import trt
 from export.head import PLUGIN, export_head
-from export.manifest import ManifestError, read_manifest, stage_io
+from runtime.manifest import FRAME_CHUNK, ManifestError, read_manifest
 from export.vision import export_vision
 from kernels import build as kernels_build
 from llamavid_ref.config import LLMConfig, from_name
@@ -30,7 +30,7 @@ from llamavid_ref.model import LlamaVid
 from llamavid_ref.tiny import random_init, tiny_model
 from runtime.backends import available_backends, choose_variant
 from runtime.backends.tensorrt import TensorrtUnavailable
-from runtime.pipeline import FRAME_CHUNK, Pipeline, frame_chunk
+from runtime.pipeline import Pipeline, frame_chunk
 
 RELEASED = "llama-vid-7b-full-224-video-fps-1"
 
@@ -62,13 +62,14 @@ def library(tmp_path_factory):
 
 def manifest_for(cfg, precision="fp16") -> dict:
     """The manifest fields a plan reads, as export.build writes them, for a config without exporting it."""
-    io = stage_io(cfg, "shared")
+    io = build_mod.model_io(cfg, "shared")
     variants = {"vision": [{"file": "vision.onnx", "precision": "fp32", "backend": "ort-cpu"}],
                 "head": [{"file": "head.onnx", "precision": "fp32", "backend": "ort-cpu"},
                          {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt",
                           "plugin": build_mod.plugin_record(cfg)}],
                 "llm": []}
     return {"model": {"config": cfg.to_dict()}, "tokenizers": {"qformer_max_length": cfg.qformer.max_text_len},
+            "runtime": {"frame_chunk": FRAME_CHUNK},
             "build": {"precision": precision}, "stages": {s: {**io[s], "variants": variants[s]} for s in io}}
 
 

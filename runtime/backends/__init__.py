@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import BACKENDS
+from runtime.manifest import BACKENDS
 
 
 def tensorrt_usable() -> bool:

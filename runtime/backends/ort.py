@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.manifest import OPENVINO_PRECISION
+from runtime.manifest import OPENVINO_PRECISION
 
 from . import check_io
 

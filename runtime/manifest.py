@@ -1,20 +1,29 @@
-"""manifest.json: the one contract between export and every runtime, bench and test.
+"""manifest.json: the one contract between export and every runtime, bench and test (torch-free).
+
+export/build.py writes it through write_manifest; the runtime (Python and the C core, which parses the
+same file) reads it. Layout, version 3:
 
     {
-      "format": "llamavid-artifacts", "manifest_version": 1,
-      "model":      name, config (the full LlamaVidConfig), tokens_per_frame, widths
-      "preprocess": image_size, mean, std, image_aspect_ratio, video_fps
-      "prompt":     template text pieces (system, roles, separators), placeholder text and id
-      "special_ids": bos, eos, pad, image (-200)
-      "tokenizers": llm file, qformer vocab file, qformer_max_length
-      "llm":        context, kv layout, embedding table file, layers / kv_heads / head_dim / vocab
-      "stages":     {vision|head|llm: {inputs, outputs: {name: {shape (symbolic dims), dtype}},
-                                       variants: [{file, precision, backend, form, role?, ...}]}}
-                    role "prefill" (llm only): a graph the runtime may use for the first call of an answer,
-                    next to the variant it decodes with (it copies the prefill's KV cache into that one's)
-      "build":      requested precision and target, build key, what runs where
-      "versions":   package, onnx, onnxruntime, torch
-      "files":      {relative path: sha256} for every file the directory holds
+      "format": "llamavid-artifacts", "manifest_version": 3,
+      "model":       name, config (the full LlamaVidConfig), tokens_per_frame, vision_width, llm_hidden
+      "preprocess":  image_size, mean, std, image_aspect_ratio ("pad": images padded to square), video_fps
+      "prompt":      template, system, roles, sep, sep2 (text pieces of the conversation template),
+                     image_placeholder ("<image>"), image_token_id (-200), media_prefix ("<image>\\n")
+      "special_ids": bos, eos, pad, image
+      "tokenizers":  llm (tokenizer.json | tokenizer.model), qformer (WordPiece vocab), qformer_max_length
+      "runtime":     frame_chunk (frames per vision/head call)
+      "llm":         context, max_token, layers, kv_heads, head_dim, hidden, vocab_size,
+                     rope_theta, rope_scaling (linear factor, 1 = none),
+                     kv_layout ("shared": one [1,kv_heads,capacity,head_dim] buffer per name bound as past and
+                     present; "concat": present = concat(past, new)), past_names, present_names,
+                     embeddings (the text embedding table, .npy [vocab_size, hidden] float32)
+      "stages":      {vision|head|llm: {inputs, outputs: {name: {shape (symbolic dims), dtype}},
+                                        variants: [{file, precision, backend, form, role?, ...}]}}
+                     role "prefill" (llm only): a graph the runtime may use for the first call of an answer,
+                     next to the variant it decodes with (it copies the prefill's KV cache into that one's)
+      "build":       requested precision and target, build key, checkpoint
+      "versions":    package, onnx, onnxruntime, torch
+      "files":       {relative path: sha256} for every file the directory holds
     }
 
 read_manifest(dir) validates the version, every stage name and every file's hash, and raises
@@ -26,10 +35,12 @@ import hashlib
 import json
 from pathlib import Path
 
-FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 2    # 2: one Q-Former question per head call
+FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 3    # 2: one Q-Former question per head call; 3: runtime section,
+#                                                      llm kv names, hidden and rope
 STAGES = ("vision", "head", "llm")
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt")
 OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
+FRAME_CHUNK = 64                  # frames per vision/head call that export writes (as the release chunks)
 
 
 class ManifestError(ValueError):
@@ -48,17 +59,21 @@ def tensor(shape, dtype: str = "float32") -> dict:
     return {"shape": list(shape), "dtype": dtype}
 
 
-def stage_io(cfg, kv_layout: str) -> dict:
-    """Tensor names, symbolic shapes and dtypes of each stage (the ONNX graphs use the same)."""
-    v, llm = cfg.vision, cfg.llm
-    S, N1, Cv, H = v.image_size, v.num_patches + 1, v.width, llm.hidden
-    n1 = cfg.tokens_per_frame
+def kv_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past, present) KV tensor names, key then value for each layer."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def stage_io(image_size: int, vision_tokens: int, vision_width: int, tokens_per_frame: int, hidden: int,
+             layers: int, kv_heads: int, head_dim: int, vocab_size: int, kv_layout: str) -> dict:
+    """Tensor names, symbolic shapes and dtypes of each stage (the ONNX graphs use the same).
+    vision_tokens: N+1 (patches and CLS)."""
+    S, N1, Cv, H, n1 = image_size, vision_tokens, vision_width, hidden, tokens_per_frame
     kv_seq = ("max_seq", "max_seq") if kv_layout == "shared" else ("past_seq", "total")
-    kv = ["batch", llm.kv_heads, None, llm.head_dim]
-    past = {f"past_key_values.{i}.{k}": tensor(kv[:2] + [kv_seq[0]] + kv[3:])
-            for i in range(llm.layers) for k in ("key", "value")}
-    present = {f"present.{i}.{k}": tensor(kv[:2] + [kv_seq[1]] + kv[3:])
-               for i in range(llm.layers) for k in ("key", "value")}
+    past_names, present_names = kv_names(layers)
+    past = {n: tensor(["batch", kv_heads, kv_seq[0], head_dim]) for n in past_names}
+    present = {n: tensor(["batch", kv_heads, kv_seq[1], head_dim]) for n in present_names}
     return {
         "vision": {"inputs": {"pixel_values": tensor(["frames", 3, S, S])},
                    "outputs": {"vision_feats": tensor(["frames", N1, Cv])}},
@@ -68,17 +83,8 @@ def stage_io(cfg, kv_layout: str) -> dict:
                  "outputs": {"frame_tokens": tensor(["frames", n1, H])}},
         "llm": {"inputs": {"inputs_embeds": tensor(["batch", "seq", H]),
                            "attention_mask": tensor(["batch", "total"], "int64"), **past},
-                "outputs": {"logits": tensor(["batch", 1, llm.vocab_size]), **present}},
+                "outputs": {"logits": tensor(["batch", 1, vocab_size]), **present}},
     }
-
-
-def prompt_section(cfg) -> dict:
-    from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
-    from llamavid_ref.templates import TEMPLATES
-    t = TEMPLATES[cfg.template]
-    return {"template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
-            "image_placeholder": IMAGE_PLACEHOLDER, "image_token_id": IMAGE_TOKEN_INDEX,
-            "media_prefix": IMAGE_PLACEHOLDER + "\n"}
 
 
 def hash_files(root: Path, names) -> dict:
