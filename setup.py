@@ -3,7 +3,12 @@
 Runtime dependencies are pinned so a fresh machine installs in minutes. Install exactly one of
 onnxruntime (CPU, the default here) or onnxruntime-gpu: both write the same folder.
 """
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The runtime's C core (runtime/csrc) and its CPython extension, built by `pip install -e .` in place.
+CORE_SOURCES = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c"]
+LLAMAVID = Extension("runtime._llamavid", sources=[f"runtime/csrc/{f}" for f in ["pymodule.c", *CORE_SOURCES]],
+                     include_dirs=["runtime/csrc"], extra_compile_args=["-std=c11", "-O2", "-Wall"], libraries=["m"])
 
 CORE = [
     "torch==2.13.0",          # local CPU build on these machines; a bare "torch" pulls a CUDA build
@@ -28,7 +33,9 @@ setup(
     description="LLaMA-VID reference, export, kernels and runtime for edge and data-centre inference",
     python_requires=">=3.10",
     packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
-    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"]},
+    ext_modules=[LLAMAVID],
+    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"],
+                  "runtime": ["csrc/*.h", "csrc/*.c", "csrc/tests/*.c", "csrc/examples/*"]},
     install_requires=CORE + EXPORT,
     extras_require={"test": TEST, "bench": BENCH, "tensorrt": TENSORRT},
 )
