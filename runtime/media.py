@@ -201,8 +201,11 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:
     """uint8 [S,S,3] -> (x / 255 - mean) / std as float32 [3,S,S]."""
-    table = _normalizer(tuple(mean), tuple(std))
-    return table[np.arange(3)[:, None, None], rgb.transpose(2, 0, 1)]
+    table = _normalizer(tuple(mean), tuple(std))                       # [3,256]
+    out = np.empty((3, *rgb.shape[:2]), np.float32)
+    for c in range(3):
+        np.take(table[c], rgb[..., c], out=out[c])
+    return out
 
 
 def preprocess_frame(rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
