@@ -117,7 +117,7 @@ def _band_plan(n_in: int, n_out: int, start: int, stop: int, horizontal: bool) -
     last = np.minimum(first + fixed.shape[1], n_in)                           # window ends (exclusive)
     lo, hi = int(first.min()), int(last.max())
     scale = n_in / n_out
-    per_band = int(4 * max(scale, 1.0) / scale) + 1      # outputs a window apart: about half the band is taps
+    per_band = max(2, int(4 / scale))    # 2 outputs when shrinking (measured fastest), ~4 inputs when growing
     bands = []
     for o0 in range(0, stop - start, per_band):
         o1 = min(o0 + per_band, stop - start)
