@@ -373,6 +373,18 @@ def load_video(path, size: int, mean, std, fps: float = 1.0, max_frames: int | N
 
 
 # ---- any media -------------------------------------------------------------------------------------
+def _load_file(path, size: int, mean, std, pad_to_square: bool, fps: float) -> np.ndarray:
+    """An image file -> [1,3,S,S]; a video file, or an animated image (GIF, APNG: FFmpeg decodes them as
+    videos), -> [T,3,S,S]. A file Pillow cannot identify goes to the video decoder, whose error says why."""
+    try:
+        with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) == 1:
+                return preprocess_image(image, size, pad_to_square, mean, std)[None]
+    except (UnidentifiedImageError, IsADirectoryError, FileNotFoundError):
+        pass
+    return load_video(path, size, mean, std, fps)[0]
+
+
 def load_media(media, image_size: int, mean, std, pad_to_square: bool, fps: float = 1.0) -> np.ndarray:
     """Media -> pixel values [T,3,S,S] float32:
     - a video file path (decoded at `fps`, as the reference samples it);
@@ -385,14 +397,7 @@ def load_media(media, image_size: int, mean, std, pad_to_square: bool, fps: floa
     if isinstance(media, np.ndarray) and media.dtype == np.float32:
         px = media[None] if media.ndim == 3 else media
     elif isinstance(media, (str, Path)):
-        try:
-            image = Image.open(media)
-        except (UnidentifiedImageError, IsADirectoryError, FileNotFoundError):
-            image = None                                       # a video, or an error load_video words
-        if image is None or getattr(image, "n_frames", 1) > 1:
-            px = load_video(media, S, mean, std, fps)[0]
-        else:
-            px = preprocess_image(image, S, pad_to_square, mean, std)[None]
+        px = _load_file(media, S, mean, std, pad_to_square, fps)
     elif isinstance(media, np.ndarray) and media.ndim == 4:
         if media.dtype != np.uint8 or media.shape[-1] != 3 or len(media) == 0:
             raise ValueError(f"video frames: expected uint8 [T>0,H,W,3], found {media.dtype} {list(media.shape)}")
