@@ -307,8 +307,9 @@ def test_animated_images_are_decoded_as_videos(tmp_path):
     assert px.shape == (2, 3, 28, 28) and np.array_equal(px, ref_px)
     still = tmp_path / "still.gif"
     Image.fromarray(frames[0]).save(still)
-    assert np.array_equal(load_media(still, 28, CLIP_MEAN, CLIP_STD, pad_to_square=True),
-                          preprocess(Image.open(still), 28, True).numpy()[None])
+    with Image.open(still) as image:
+        expected = preprocess(image, 28, True).numpy()[None]
+    assert np.array_equal(load_media(still, 28, CLIP_MEAN, CLIP_STD, pad_to_square=True), expected)
 
 
 def test_load_media_errors_name_what_was_expected_and_found(tmp_path):
