@@ -16,6 +16,7 @@ from llamavid_ref.config import CLIP_MEAN, CLIP_STD
 from llamavid_ref.preprocess import preprocess, preprocess_video, to_rgb as ref_to_rgb
 from runtime import media
 from runtime.media import VideoError, iter_video, load_media, load_video, resize_bicubic
+from test_video import add_silent_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "llamavid_ref" / "default_model" / "sample.mp4"
@@ -208,14 +209,6 @@ def test_iter_video_streams_one_frame_at_a_time(clips):
     assert np.array_equal(np.stack([p for p, _ in got]), ref_px) and [t for _, t in got] == ref_ts.tolist()
 
 
-def add_silent_audio(container):
-    audio = container.add_stream("aac", rate=16000)
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-    frame.sample_rate = 16000
-    for packet in [*audio.encode(frame), *audio.encode()]:
-        container.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -349,6 +342,8 @@ def load(name):
 
 
 def run_without_torch(code: str) -> str:
+    """Run code in a fresh interpreter where torch, llamavid_ref and export cannot be imported (load(name)
+    imports runtime/<name>.py on its own, not through the runtime package) -> its stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -2,9 +2,6 @@
 model's tokenizer.json and Q-Former vocab and on a sentencepiece .model trained here, the streaming
 detokenizer's pieces joining to the stripped answer, clear errors, and no torch behind it."""
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import sentencepiece
 from llamavid_ref import tokenizer as ref
 from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from runtime.text import LLMTokenizer, QFormerTokenizer, StreamDecoder, stream_text
+from test_runtime_media import run_without_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "llamavid_ref" / "default_model"
@@ -163,29 +161,14 @@ def test_stream_holds_back_partial_characters(pair):
     assert d.finish() == ""
 
 
-BLOCKER = """
-import importlib.abc, importlib.util, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'llamavid_ref', 'export'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-spec = importlib.util.spec_from_file_location('runtime_text', 'runtime/text.py')
-text = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(text)
-"""
-
-
 def test_text_needs_no_torch(sp_model):
-    code = BLOCKER + f"""
+    out = run_without_torch(f"""
+text = load('text')
 d = 'llamavid_ref/default_model/'
 a = text.LLMTokenizer(d + 'tokenizer.json', 1, 2).encode_prompt('<image>\\nhi', '<image>', -200)
 b = text.LLMTokenizer({str(sp_model)!r}, 1, 2).encode('the fox')
 ids, mask = text.QFormerTokenizer(d + 'qformer_vocab.txt', 48)(['what color ?'])
 assert not any(m.split('.')[0] in ('torch', 'llamavid_ref', 'export') for m in sys.modules)
 print(a[:2], len(b) > 0, ids.dtype, mask.shape[0])
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[1, -200] True int64 1"
+""")
+    assert out.strip() == "[1, -200] True int64 1"
