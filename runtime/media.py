@@ -85,9 +85,9 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _coefficients(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """in -> out pixels of one axis: first tap [out] int64 and fixed-point coefficients [out, K] int64
-    (K = the widest window, zero past each window's end)."""
+def _coefficients(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """in -> out pixels of one axis: first tap [out] int64, taps [out] int64 and fixed-point
+    coefficients [out, K] int64 (K = the widest window, zero past each window's end)."""
     scale = n_in / n_out
     fs = max(scale, 1.0)
     support = 2.0 * fs
@@ -103,7 +103,7 @@ def _coefficients(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
         total += w[:, j]
     w = np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
     fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))   # half away from zero
-    return first, fixed.astype(np.int64)
+    return first, count, fixed.astype(np.int64)
 
 
 @lru_cache(maxsize=64)
@@ -112,9 +112,8 @@ def _band_plan(n_in: int, n_out: int, start: int, stop: int, horizontal: bool) -
     bands (o0, o1, i0, i1, M): outputs o0..o1-1 (from start) = M [o1-o0, i1-i0] float64 @ inputs
     i0..i1-1 (from lo); for the horizontal pass M is kron(M^T, I3) [3(i1-i0), 3(o1-o0)], which keeps
     RGB interleaved (outputs = inputs @ M). A band holds a few outputs, so M is mostly taps, not zeros."""
-    first, fixed = _coefficients(n_in, n_out)
-    first, fixed = first[start:stop], fixed[start:stop]
-    last = np.minimum(first + fixed.shape[1], n_in)                           # window ends (exclusive)
+    first, count, fixed = (a[start:stop] for a in _coefficients(n_in, n_out))
+    last = first + count                                                      # window ends (exclusive)
     lo, hi = int(first.min()), int(last.max())
     scale = n_in / n_out
     per_band = max(2, int(4 / scale))    # 2 outputs when shrinking (measured fastest), ~4 inputs when growing
@@ -124,8 +123,7 @@ def _band_plan(n_in: int, n_out: int, start: int, stop: int, horizontal: bool) -
         i0, i1 = int(first[o0:o1].min()) - lo, int(last[o0:o1].max()) - lo
         m = np.zeros((o1 - o0, i1 - i0))
         for r, o in enumerate(range(o0, o1)):
-            n = int(last[o] - first[o])
-            m[r, first[o] - lo - i0: first[o] - lo - i0 + n] = fixed[o, :n]
+            m[r, first[o] - lo - i0: last[o] - lo - i0] = fixed[o, :count[o]]
         bands.append((o0, o1, i0, i1, np.kron(m.T, np.eye(3)) if horizontal else m))
     return lo, hi, bands
 
@@ -169,12 +167,14 @@ def resize_bicubic(rgb: np.ndarray, width: int, height: int, crop: tuple[int, in
     rows = _band_plan(H, height, top, bottom, False) if height != H else (top, bottom, None)
     x = rgb[rows[0]:rows[1], cols[0]:cols[1]].astype(np.float64)       # [h_in, w_in, 3]: the pixels read
     x = x.reshape(x.shape[0], -1)                                       # [h_in, w_in*3]
+    def horizontal(x):
+        return x if cols[2] is None else _horizontal(x, cols[2], right - left)
+
+    def vertical(x):
+        return x if rows[2] is None else _vertical(x, rows[2], bottom - top)
+
     vertical_first = H - height > 0 and H - height > 2 * (W - width)    # Pillow 13's pass order
-    for axis in (("v", "h") if vertical_first else ("h", "v")):
-        if axis == "h" and cols[2] is not None:
-            x = _horizontal(x, cols[2], right - left)
-        if axis == "v" and rows[2] is not None:
-            x = _vertical(x, rows[2], bottom - top)
+    x = horizontal(vertical(x)) if vertical_first else vertical(horizontal(x))
     return x.astype(np.uint8).reshape(bottom - top, right - left, 3)
 
 
