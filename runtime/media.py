@@ -249,6 +249,7 @@ def subsample_uniform(n: int, max_frames: int | None) -> np.ndarray:
 
 
 def _declared_fps(stream) -> float | None:
+    """The stream's average rate (what the release's decord reports), else the rate FFmpeg guesses."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate:
             return float(rate)
