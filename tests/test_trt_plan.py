@@ -429,17 +429,17 @@ def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
           "outputs": {"y": {"shape": ["frames", 4], "dtype": "float32"}}}
     stage = backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", io)
     x = np.arange(12, dtype=np.float64).reshape(3, 4)                       # cast to the engine's float32
-    np.testing.assert_array_equal(stage.run({"x": x})["y"], 2 * x + 1)
+    np.testing.assert_array_equal(stage.infer({"x": x})["y"], 2 * x + 1)
     y = np.empty((8, 4), np.float32)
     x8 = np.ones((8, 4), np.float32)
-    assert stage.run({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
+    assert stage.infer({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
     assert len(cudart.mem) == 2
     with pytest.raises(ValueError, match=r"input x \[9, 4\] is outside the engine's optimisation profile \[\[1, 4\], \[8, 4\], \[8, 4\]\]"):
-        stage.run({"x": np.ones((9, 4), np.float32)})
+        stage.infer({"x": np.ones((9, 4), np.float32)})
     with pytest.raises(ValueError, match=r"expected inputs \['x'\], missing \['x'\]"):
-        stage.run({"z": x8})
+        stage.infer({"z": x8})
     with pytest.raises(ValueError, match=r"output buffer y must be C-contiguous \[8, 4\], found \[2, 4\]"):
-        stage.run({"x": x8}, outputs={"y": y[:2]})
+        stage.infer({"x": x8}, outputs={"y": y[:2]})
     stage.close()
     assert cudart.mem == {}
     bad = {**io, "outputs": {"frame_tokens": io["outputs"]["y"]}}

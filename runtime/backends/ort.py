@@ -1,6 +1,5 @@
-"""ONNX Runtime backends: one InferenceSession per stage, run through IO binding so that the caller's
-numpy buffers (inputs and preallocated outputs, e.g. a KV cache bound as both past and present) are
-used in place.
+"""ONNX Runtime backends: one InferenceSession per stage, run through IO binding on the C core's buffers
+(inputs and outputs, e.g. a KV cache bound as both past and present), in place: no copies.
 
     ort-cpu       ORT's CPU provider (MLAS kernels), fp32 and int8 graphs
     ort-cuda      ORT's CUDA provider
@@ -54,13 +53,39 @@ def openvino_missing() -> str:
     return _openvino_cpu()[1]
 
 
+class OrtContext:
+    """One session's IO binding of a stage, rebound only where the core hands over another buffer (it keeps
+    the same memoryview object while a tensor's data, shape and dtype stay the same)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.binding = session.io_binding()
+        self.bound: dict[str, memoryview] = {}
+
+
 class OrtStage:
+    """An ONNX Runtime session for one stage. run() is the core's protocol (runtime/csrc/pymodule.c): named
+    memoryviews over the core's buffers, bound in place; infer() takes and returns numpy arrays."""
+
     def __init__(self, session: ort.InferenceSession, path: Path):
         self.session, self.path = session, path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def new_context(self) -> OrtContext:
+        return OrtContext(self.session)
+
+    def run(self, inputs: dict[str, memoryview], outputs: dict[str, memoryview], ctx: OrtContext):
+        bind = ctx.binding
+        for names, tensors, fn in ((self.input_names, inputs, bind.bind_input), (self.output_names, outputs, bind.bind_output)):
+            for name in names:
+                view = tensors[name]
+                if ctx.bound.get(name) is not view:
+                    a = np.asarray(view)
+                    fn(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+                    ctx.bound[name] = view
+        self.session.run_with_iobinding(bind)
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """inputs: every graph input by name; outputs: optional preallocated buffers, written in place.
         Returns every output (the preallocated ones are the same arrays)."""
         outputs = outputs or {}
