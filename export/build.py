@@ -273,7 +273,8 @@ def step_trtllm(out: Path, manifest: dict, model, precision: str, log=print) -> 
     if prev:
         log("[build] trtllm: unchanged, skipped")
     else:
-        log(f"[build] trtllm: converting the LLM ({dtype}, quant {quant}){'' if missing else ' and building its engine'} ...")
+        log(f"[build] trtllm: converting the LLM ({dtype}, quant {quant})"
+            f"{'' if missing else ' and building its engine'} ...")
         try:
             files, built_with = trtllm.write_staged(model, out / "llm", plan, engine=missing is None, log=log)
         except trtllm.ConvertError as e:

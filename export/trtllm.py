@@ -117,7 +117,8 @@ def check_plan(plan: Plan, c) -> list[Check]:
                  f"float16 or bfloat16, found {plan.dtype}") if qa and plan.dtype == "float32" else ""
     visual = plan.tokens_per_frame * plan.max_frames
     lengths = [msg for bad, msg in (
-        (plan.max_seq_len > c.max_positions, f"max_seq_len {plan.max_seq_len} > the model's {c.max_positions} positions"),
+        (plan.max_seq_len > c.max_positions, f"max_seq_len {plan.max_seq_len} > the model's {c.max_positions} "
+                                             f"positions"),
         (plan.max_input_len >= plan.max_seq_len, f"max_input_len {plan.max_input_len} leaves no new token in "
                                                  f"max_seq_len {plan.max_seq_len}"),
         (visual + TEXT_TOKENS > plan.max_input_len, f"{plan.max_frames} frames x {plan.tokens_per_frame} tokens + "
@@ -176,7 +177,8 @@ def fused_qkv(sd: dict, i: int, c, tp: int, rank: int) -> torch.Tensor:
     p, d = f"layers.{i}.self_attn.", c.head_dim
     q, k, v = (sd[p + f"{n}_proj.weight"] for n in "qkv")
     if c.kv_heads < tp:
-        k, v = (w.view(c.kv_heads, d, -1).repeat_interleave(tp // c.kv_heads, 0).reshape(-1, w.shape[-1]) for w in (k, v))
+        k, v = (w.view(c.kv_heads, d, -1).repeat_interleave(tp // c.kv_heads, 0).reshape(-1, w.shape[-1])
+                for w in (k, v))
     return torch.cat([_split(w, tp, rank, 0) for w in (q, k, v)])
 
 
@@ -249,7 +251,8 @@ def write_conversion(model, d: Path, plan: Plan) -> list[str]:
     shutil.copyfile(tok, d / "hf" / tok.name)
     (d / "hf/tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer" if tok.suffix == ".model" else "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "legacy": True}, indent=2))
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "legacy": True},
+        indent=2))
     (d / "hf/generation_config.json").write_text(json.dumps(
         {"bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id}, indent=2))
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
@@ -293,14 +296,28 @@ def check_checkpoint(root: Path) -> list[Check]:
         have, want = safetensors_header(path), expected_tensors(cfg, rank)
         problems = [f"missing {sorted(set(want) - set(have))[:3]}"] if set(want) - set(have) else []
         problems += [f"unexpected {sorted(set(have) - set(want))[:3]}"] if set(have) - set(want) else []
-        problems += [f"{n}: expected {s} {want_dtype}, found {have[n]['shape']} {have[n]['dtype']}"
-                     for n, s in want.items() if n in have and (have[n]["shape"] != s or have[n]["dtype"] != want_dtype)]
+        problems += [f"{n}: expected {s} {want_dtype}, found {have[n]['shape']} {have[n]['dtype']}" for n, s in want.items()
+                     if n in have and (have[n]["shape"], have[n]["dtype"]) != (s, want_dtype)]
         out.append(Check("checkpoint", "llm", not problems, f"{path.name}: " + ("; ".join(problems[:4]) or
                                                                               f"{len(want)} tensors as expected")))
     return out
 
 
 # ---- CPU twin: the engine's arithmetic in numpy (float64) -------------------------------------------------------
+def weight_only_ints(w: np.ndarray, bits: int) -> np.ndarray:
+    """w [out, in] -> the integers trtllm-build stores: per output channel w / (max|w| / 2^(bits-1)), rounded half
+    away from zero (C round) and clipped to the signed range."""
+    scale = np.abs(w).max(1, keepdims=True) / 2.0 ** (bits - 1)
+    x = np.divide(w, scale, out=np.zeros_like(w), where=scale > 0)
+    return np.clip(np.sign(x) * np.floor(np.abs(x) + 0.5), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+
+
+def weight_only(w: np.ndarray, bits: int, dtype: torch.dtype) -> np.ndarray:
+    """What the engine multiplies by: those integers times the per-channel scale, stored in the weight dtype."""
+    scale = np.abs(w).max(1, keepdims=True) / 2.0 ** (bits - 1)
+    return weight_only_ints(w, bits) * torch.from_numpy(scale).to(dtype).double().numpy()
+
+
 class NumpyLlama:
     """A legacy TensorRT-LLM LLaMA checkpoint run on CPU the way the engine runs it.
 
@@ -316,17 +333,13 @@ class NumpyLlama:
         self.cfg = cfg = json.loads((root / "config.json").read_text())
         self.tp = cfg["mapping"]["tp_size"]
         algo = (cfg.get("quantization") or {}).get("quant_algo")
-        to = getattr(torch, cfg["dtype"])
         self.ranks = []
         for r in range(self.tp):
             w = {}
             for k, t in load_file(str(root / f"rank{r}.safetensors")).items():
-                a = t.double().numpy()
-                if algo and k.endswith(QUANTIZED):             # the scale is stored in the weight dtype
-                    bits = QUANT_BITS[algo]
-                    scale = torch.from_numpy(np.abs(a).max(1, keepdims=True) / 2.0 ** (bits - 1)).to(to).double().numpy()
-                    a = _quantize(a, bits) * scale
-                w[k] = a
+                w[k] = t.double().numpy()
+                if algo and k.endswith(QUANTIZED):
+                    w[k] = weight_only(w[k], QUANT_BITS[algo], t.dtype)
             self.ranks.append(w)
 
     def embed(self, ids, table=None) -> np.ndarray:
@@ -374,18 +387,11 @@ class NumpyLlama:
             h = self._rms(x, r0[p + "input_layernorm.weight"])
             x = x + sum(self._attention(h, w, p, cos, sin) for w in self.ranks)
             h = self._rms(x, r0[p + "post_layernorm.weight"])
-            x = x + sum((silu(h @ w[p + "mlp.fc.weight"].T) * (h @ w[p + "mlp.gate.weight"].T)) @ w[p + "mlp.proj.weight"].T
-                        for w in self.ranks)
+            x = x + sum((silu(h @ w[p + "mlp.fc.weight"].T) * (h @ w[p + "mlp.gate.weight"].T))
+                        @ w[p + "mlp.proj.weight"].T for w in self.ranks)
         h = self._rms(x, r0["transformer.ln_f.weight"])
         return np.concatenate([h @ w["lm_head.weight"].T for w in self.ranks], 1)[:, :self.cfg["vocab_size"]]
 
-
-def _quantize(w: np.ndarray, bits: int) -> np.ndarray:
-    """w [out, in] -> the integers trtllm-build stores: per output channel w / (max|w| / 2^(bits-1)), rounded half
-    away from zero (C round) and clipped to the signed range."""
-    scale = np.abs(w).max(1, keepdims=True) / 2.0 ** (bits - 1)
-    x = np.divide(w, scale, out=np.zeros_like(w), where=scale > 0)
-    return np.clip(np.sign(x) * np.floor(np.abs(x) + 0.5), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
 
 
 # ---- writing: staged, never over another model's conversion -----------------------------------------------------

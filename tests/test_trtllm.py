@@ -37,11 +37,12 @@ from test_export_build import tiny_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 QUESTION = "what color is the square ?"
-# Bounds of the non-fp32 conversions on the default model: max |logit - reference| / max |reference logit|
-# (measured: fp16 2.3e-3, bf16 6.3e-3, fp16 + int8_wo 7.6e-3, bf16 + int8_wo 9.9e-3, fp16 + int4_wo 0.17:
-# per-channel int4 without groups is coarse on a model this small)
-BOUNDS = [("float16", "none", 5e-3), ("bfloat16", "none", 2e-2), ("float16", "int8_wo", 2e-2),
-          ("bfloat16", "int8_wo", 2e-2), ("float16", "int4_wo", 0.3)]
+# Bounds of the non-fp32 conversions on the default model, over the 50 positions of a 3-frame video prompt:
+# max |logit - reference| / max |reference logit|, and the share of positions whose argmax is the reference's.
+# Measured: fp16 1.8e-4, bf16 6.4e-3, fp16 + int8_wo 7.0e-3, bf16 + int8_wo 6.7e-3, all argmaxes equal;
+# fp16 + int4_wo 0.26 with 49 of 50 argmaxes equal (per-channel int4 without groups is coarse on a model this small).
+BOUNDS = [("float16", "none", 1e-3, 1.0), ("bfloat16", "none", 2e-2, 1.0), ("float16", "int8_wo", 2e-2, 1.0),
+          ("bfloat16", "int8_wo", 2e-2, 1.0), ("float16", "int4_wo", 0.4, 0.95)]
 
 
 def rel_err(a, b) -> float:
@@ -100,7 +101,8 @@ def test_default_model_fp32_logits_through_the_prompt_table(default_model, tmp_p
     assert sorted(p.name for p in (tmp_path / "o/trtllm").iterdir()) == ["config.json"] + [
         f"rank{r}.safetensors" for r in range(tp)]
     assert rec["variant"]["plan"]["tp"] == tp
-    assert rel_err(twin_logits(default_model, tmp_path / "o", ids, visual), reference_logits(default_model, embeds)) < RTOL
+    ours = twin_logits(default_model, tmp_path / "o", ids, visual)
+    assert rel_err(ours, reference_logits(default_model, embeds)) < RTOL
 
 
 @pytest.mark.parametrize("tp, llm", [(1, {}), (2, {}), (4, {}), (2, {"rope_scaling": 16.0})],
@@ -124,24 +126,25 @@ def test_tiny_gqa_fp32_logits(tmp_path, tp, llm):
         assert rel_err(twin_logits(model, tmp_path / "o", ids, visual), ref) > 1e-3
 
 
-@pytest.mark.parametrize("dtype, quant, bound", BOUNDS)
-def test_16_bit_and_weight_only_within_bounds(default_model, tmp_path, dtype, quant, bound):
+@pytest.mark.parametrize("dtype, quant, bound, agree", BOUNDS)
+def test_16_bit_and_weight_only_within_bounds(default_model, tmp_path, dtype, quant, bound, agree):
     ids, embeds, visual, _ = video_prompt(default_model)
     trtllm.convert(default_model, tmp_path / "o", dtype, quant=quant, log=quiet)
     cfg = json.loads((tmp_path / "o/trtllm/config.json").read_text())
-    assert cfg["dtype"] == dtype and cfg["quantization"] == {"quant_algo": trtllm.QUANTS[quant], "kv_cache_quant_algo": None}
+    assert cfg["dtype"] == dtype
+    assert cfg["quantization"] == {"quant_algo": trtllm.QUANTS[quant], "kv_cache_quant_algo": None}
     header = trtllm.safetensors_header(tmp_path / "o/trtllm/rank0.safetensors")
     assert {t["dtype"] for t in header.values()} == {"F16" if dtype == "float16" else "BF16"}   # trtllm-build quantizes
-    err = rel_err(twin_logits(default_model, tmp_path / "o", ids, visual), reference_logits(default_model, embeds))
-    assert 1e-5 < err < bound
+    ours, ref = twin_logits(default_model, tmp_path / "o", ids, visual), reference_logits(default_model, embeds)
+    assert 1e-5 < rel_err(ours, ref) < bound and (ours.argmax(1) == ref.argmax(1)).mean() >= agree
 
 
 def test_weight_only_quantization_is_trtllm_builds():
     """Per output channel (row of w [out, in]), scale max|w| / 2^(bits-1), C round (half away from zero), clipped."""
     scale = 1.0 / 128
     w = np.array([[1.0, -0.5, 2.5 * scale, -2.5 * scale, 0.0], [0, 0, 0, 0, 0]])
-    assert trtllm._quantize(w, 8).tolist() == [[127, -64, 3, -3, 0], [0, 0, 0, 0, 0]]
-    assert trtllm._quantize(np.array([[0.7, -1.0, 0.0625]]), 4).tolist() == [[6, -8, 1]]   # 0.0625 * 8 = 0.5 -> 1
+    assert trtllm.weight_only_ints(w, 8).tolist() == [[127, -64, 3, -3, 0], [0, 0, 0, 0, 0]]
+    assert trtllm.weight_only_ints(np.array([[0.7, -1.0, 0.0625]]), 4).tolist() == [[6, -8, 1]]   # 0.5 -> 1
 
 
 # ---- visual tokens: fake ids + prompt table = the reference's embedding assembly ---------------------------------
@@ -210,7 +213,8 @@ def test_plan_checks_pass_for_the_default_and_released_shapes(name, tp, quant):
 def test_plan_numbers_for_7b_and_long_video():
     c7 = from_name("llama-vid-7b-full-224-video-fps-1")
     p = trtllm.make_plan(c7.llm, c7.tokens_per_frame, tp=2, max_batch=4)
-    assert (p.max_seq_len, p.max_input_len, p.max_frames, p.max_prompt_embedding_table_size) == (4096, 3584, 1728, 13824)
+    assert (p.max_seq_len, p.max_input_len, p.max_frames, p.max_prompt_embedding_table_size) == (
+        4096, 3584, 1728, 13824)
     shapes = trtllm.expected_tensors(trtllm.trtllm_config(c7.llm, p), rank=1)
     assert (shapes["transformer.layers.31.attention.qkv.weight"], shapes["transformer.layers.0.attention.dense.weight"],
             shapes["transformer.layers.0.mlp.fc.weight"], shapes["lm_head.weight"]) == (
@@ -262,7 +266,8 @@ def test_a_folder_holding_another_models_conversion_is_refused(default_model, tm
     trtllm.convert(default_model, out, "float32", name="llamavid-default", log=quiet)
     before = snapshot(out)
     with pytest.raises(trtllm.ConvertError, match=rf"{out} holds the TensorRT-LLM conversion of another model "
-                                                  r"\('llamavid-default', LLM sha256 [0-9a-f]{12}...\), expected 'tiny'"):
+                                                  r"\('llamavid-default', LLM sha256 [0-9a-f]{12}...\), "
+                                                  r"expected 'tiny'"):
         trtllm.convert(tiny(tmp_path / "m"), out, "float32", name="tiny")
     assert snapshot(out) == before
     trtllm.convert(default_model, out, "bfloat16", log=quiet)                         # the same model: replaced
@@ -281,7 +286,8 @@ def test_a_damaged_rank_file_fails_the_checkpoint_check(default_model, tmp_path)
     path = tmp_path / "o/trtllm/rank1.safetensors"
     sd = load_file(str(path))
     sd.pop("transformer.layers.3.mlp.gate.weight")
-    sd["transformer.layers.0.attention.dense.weight"] = sd["transformer.layers.0.attention.dense.weight"][:, :16].clone()
+    name = "transformer.layers.0.attention.dense.weight"
+    sd[name] = sd[name][:, :16].clone()
     save_file(sd, str(path))
     ok, bad = trtllm.check_checkpoint(tmp_path / "o/trtllm")
     assert ok.ok and not bad.ok
@@ -459,7 +465,8 @@ def test_build_target_tensorrt_with_trtllm_builds_and_records_the_engine(tmp_pat
     lines = []
     out = build_mod.build(ckpt, "fp32", tmp_path / "art", "auto", log=lines.append)   # auto: TensorRT-LLM is here
     v = read_manifest(out)["stages"]["llm"]["variants"][0]
-    assert (v["backend"], v["engine"], v["built_with"]) == ("trtllm", "llm/engine", {"tensorrt_llm": "0.12.0", "sm": 87})
+    assert (v["backend"], v["engine"]) == ("trtllm", "llm/engine")
+    assert v["built_with"] == {"tensorrt_llm": "0.12.0", "sm": 87}
     assert "llm/engine/rank0.engine" in v["extra_files"] and not any("not built here" in x for x in lines[-3:])
     assert TrtllmLLM.missing(out, v) is None
 

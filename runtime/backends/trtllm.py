@@ -134,12 +134,14 @@ class TrtllmLLM:
     def open(cls, root: Path, variant: dict, llm_section: dict) -> "TrtllmLLM":
         """variant: the manifest's trtllm variant of the llm stage; llm_section: the manifest's "llm" entry."""
         if variant.get("backend") != "trtllm":
-            raise ValueError(f"trtllm backend: expected a variant with backend 'trtllm', found {variant.get('backend')!r}")
+            raise ValueError(f"trtllm backend: expected a variant with backend 'trtllm', found "
+                             f"{variant.get('backend')!r}")
         why = cls.missing(root, variant)
         if why:
             raise TrtllmUnavailable(why)
         plan = variant["plan"]
-        runner = _runner_class().from_dir(engine_dir=str(Path(root) / variant["engine"]), rank=0)
+        rank = getattr(_import_tensorrt_llm(), "mpi_rank", lambda: 0)()      # tp > 1: one process per rank (mpirun)
+        runner = _runner_class().from_dir(engine_dir=str(Path(root) / variant["engine"]), rank=rank)
         return cls(runner, llm_section["vocab_size"], plan["max_prompt_embedding_table_size"] // plan["max_batch"])
 
     def generate(self, ids: list[int], prompt_table: np.ndarray | None, max_new_tokens: int, stop_ids: list[int],
