@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from runtime.manifest import hash_files
 
-from .manifest import hash_files
 from .trt import Check
 
 DTYPES = ("float32", "float16", "bfloat16")

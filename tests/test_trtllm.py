@@ -26,7 +26,7 @@ import torch
 import llamavid_ref
 from export import build as build_mod
 from export import trtllm
-from export.manifest import read_manifest
+from runtime.manifest import read_manifest
 from llamavid_ref.config import PRESETS, from_name
 from llamavid_ref.templates import question_prompt
 from llamavid_ref.tiny import tiny_model
