@@ -12,7 +12,6 @@
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,12 +25,11 @@ import torch
 import llamavid_ref
 from export import build as build_mod
 from export import trtllm
-from runtime.manifest import read_manifest
-from llamavid_ref.config import PRESETS, from_name
+from llamavid_ref.config import from_name
 from llamavid_ref.templates import question_prompt
 from llamavid_ref.tiny import tiny_model
-from runtime.backends.trtllm import (TrtllmLLM, TrtllmUnavailable, place_visual_tokens, sampling_kwargs,
-                                     trtllm_variant)
+from runtime.backends.trtllm import TrtllmLLM, place_visual_tokens, sampling_kwargs, trtllm_variant
+from runtime.manifest import read_manifest
 from test_export_build import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -491,4 +489,3 @@ def test_gpu_engine_answers_with_the_reference_greedy_tokens(default_model, tmp_
         want = m.generate(torch.tensor([ids]), [video], [QUESTION], max_new_tokens=16)[0].tolist()
     placed, table = place_visual_tokens(ids, visual, m.config.llm.vocab_size)
     assert list(llm.generate(placed, table, 16, [m.config.llm.eos_id], {})) == want
-    shutil.rmtree(tmp_path / "o")

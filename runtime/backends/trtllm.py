@@ -38,25 +38,23 @@ def place_visual_tokens(ids: list[int], visual, vocab_size: int,
     (in prompt order). Each placeholder is replaced by its block's fake ids; the i-th visual token of the
     prompt gets id vocab_size + i and is row i of the table, so the table is the blocks concatenated."""
     blocks = [] if visual is None else [visual] if isinstance(visual, np.ndarray) else list(visual)
-    where = [i for i, t in enumerate(ids) if t == image_id]
-    if len(where) != len(blocks):
+    placeholders = sum(t == image_id for t in ids)
+    if placeholders != len(blocks):
         raise ValueError(f"prompt assembly: expected one block of visual tokens per {image_id} placeholder; found "
-                         f"{len(where)} placeholders and {len(blocks)} blocks")
+                         f"{placeholders} placeholders and {len(blocks)} blocks")
     bad = [t for t in ids if t != image_id and not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt assembly: expected text ids in [0, {vocab_size}) and {image_id} placeholders, "
                          f"found {bad[:5]}")
-    sizes = [int(np.shape(b)[0]) for b in blocks]
-    out, k, next_id = [], 0, vocab_size
+    sizes, out, next_id = iter(len(b) for b in blocks), [], vocab_size
     for t in ids:
         if t == image_id:
-            out.extend(range(next_id, next_id + sizes[k]))
-            next_id, k = next_id + sizes[k], k + 1
+            size = next(sizes)
+            out.extend(range(next_id, next_id + size))
+            next_id += size
         else:
             out.append(int(t))
-    H = np.shape(blocks[0])[-1] if blocks else 0
-    table = np.concatenate([np.asarray(b, np.float32).reshape(-1, H) for b in blocks]) if blocks \
-        else np.zeros((0, 0), np.float32)
+    table = np.concatenate([np.asarray(b, np.float32) for b in blocks]) if blocks else np.zeros((0, 0), np.float32)
     return out, table
 
 
