@@ -94,7 +94,7 @@ def _runner_class():
 
 def sampling_kwargs(sampling: dict) -> dict:
     """The pipeline's sampling dict (do_sample, temperature, top_p, seed) -> the runner's generate() keywords.
-    Greedy is top_k 1; sampling draws from TensorRT-LLM's own seeded sampler (not the reference's torch RNG)."""
+    Greedy is top_k 1; sampling draws from TensorRT-LLM's own seeded sampler (not llamavid_ref/sampling.py's)."""
     if not sampling.get("do_sample") or sampling.get("temperature", 1.0) <= 0:
         return {"top_k": 1, "top_p": 0.0, "temperature": 1.0}
     return {"top_k": 0, "top_p": float(sampling.get("top_p", 0.7)), "temperature": float(sampling["temperature"]),
