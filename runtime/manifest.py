@@ -38,7 +38,7 @@ from pathlib import Path
 FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 3    # 2: one Q-Former question per head call; 3: runtime section,
 #                                                      llm kv names, hidden and rope
 STAGES = ("vision", "head", "llm")
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt", "trtllm")
 OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
 FRAME_CHUNK = 64                  # frames per vision/head call that export writes (as the release chunks)
 
