@@ -28,7 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:                      # the reference side needs PyTorch (pip install "llamavid-deploy[export]"); the runtime does not
+    import torch
+except ImportError:
+    torch = None
+_no_grad = torch.no_grad() if torch else (lambda f: f)
 
 
 QUESTION = "What happens in this video?"
@@ -119,18 +124,18 @@ class TorchSide:
     def __init__(self, model):
         self.m = model
 
-    @torch.no_grad()
+    @_no_grad
     def vision(self, px):
         return self.m.vision(torch.from_numpy(px))
 
-    @torch.no_grad()
+    @_no_grad
     def head(self, feats, ids, mask):
         """ids/mask [1,L]: repeated per frame, as the reference takes them."""
         F = len(feats)
         return self.m.head(feats if isinstance(feats, torch.Tensor) else torch.from_numpy(feats),
                            torch.from_numpy(np.repeat(ids, F, 0)), torch.from_numpy(np.repeat(mask, F, 0)))
 
-    @torch.no_grad()
+    @_no_grad
     def embeds(self, px):
         from llamavid_ref.templates import question_prompt
         ids = torch.tensor([self.m.tokenizer.encode_prompt(question_prompt(QUESTION, self.m.config.template))])
@@ -139,11 +144,11 @@ class TorchSide:
     def prompt_tokens(self, embeds) -> int:
         return int(embeds.shape[1])
 
-    @torch.no_grad()
+    @_no_grad
     def first_token(self, embeds):
         return int(self.m.llm(embeds)[0][0, -1].argmax())
 
-    @torch.no_grad()
+    @_no_grad
     def decode(self, embeds, steps: int):
         logits, past = self.m.llm(embeds)
         t = time.perf_counter()
@@ -375,7 +380,7 @@ def write_hf_llama(c, sd, root: Path) -> Path:
     return root
 
 
-class _LLMStub(torch.nn.Module):
+class _LLMStub(torch.nn.Module if torch else object):
     """What export_llm needs: .llm (a LlamaLM) and .config.llm."""
 
     def __init__(self, c, sd):
@@ -561,6 +566,10 @@ def main(argv=None) -> int:
     ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
     ap.add_argument("--part", choices=("all", "vision-head", "llm"), default="all", help="with --released-shapes")
     a = ap.parse_args(argv)
+    if torch is None:
+        print("error: runtime.bench compares the runtime with the PyTorch reference: expected torch, found none; "
+              'pip install "llamavid-deploy[export]"', file=sys.stderr)
+        return 2
     if a.released_shapes:
         r = {}
         with tempfile.TemporaryDirectory() as tmp:
