@@ -564,13 +564,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG of time to first token against frames")
     ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
-    ap.add_argument("--part", choices=("all", "vision-head", "llm"), default="all", help="with --released-shapes")
+    ap.add_argument("--part", choices=("all", "vision-head", "llm", "core"), default="all",
+                    help="with --released-shapes (core: the C core's decode loop on an LLM of the 7B's widths)")
+    ap.add_argument("--core", action="store_true", help="with --artifacts: the C core's decode loop against the "
+                                                        "Python loop it replaced and ORT alone (runtime/bench_core.py)")
     a = ap.parse_args(argv)
     if torch is None:
         print("error: runtime.bench compares the runtime with the PyTorch reference: expected torch, found none; "
               'pip install "llamavid-deploy[export]"', file=sys.stderr)
         return 2
-    if a.released_shapes:
+    if a.core or (a.released_shapes and a.part == "core"):
+        from runtime.bench_core import bench_core, released_shapes_artifacts, report_core
+        from runtime.pipeline import Pipeline
+        with tempfile.TemporaryDirectory() as tmp:
+            art = a.artifacts if a.core else released_shapes_artifacts(Path(tmp))
+            r = bench_core(Pipeline.open(art, threads=a.threads or 1), rounds=a.repeats or 7)
+        print(report_core(r))
+    elif a.released_shapes:
         r = {}
         with tempfile.TemporaryDirectory() as tmp:
             if a.part in ("all", "vision-head"):

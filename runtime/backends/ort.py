@@ -53,37 +53,29 @@ def openvino_missing() -> str:
     return _openvino_cpu()[1]
 
 
-class OrtContext:
-    """One session's IO binding of a stage, rebound only where the core hands over another buffer (it keeps
-    the same memoryview object while a tensor's data, shape and dtype stay the same)."""
-
-    def __init__(self, session: ort.InferenceSession):
-        self.binding = session.io_binding()
-        self.bound: dict[str, memoryview] = {}
-
-
 class OrtStage:
     """An ONNX Runtime session for one stage. run() is the core's protocol (runtime/csrc/pymodule.c): named
-    memoryviews over the core's buffers, bound in place; infer() takes and returns numpy arrays."""
+    memoryviews over the core's buffers, bound in place, one IO binding per core session (its context) that
+    keeps what was bound: the core hands over only the tensors whose buffer or shape changed (incremental),
+    e.g. the attention mask of a decode step. infer() takes and returns numpy arrays."""
+    incremental = True
 
     def __init__(self, session: ort.InferenceSession, path: Path):
         self.session, self.path = session, path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def new_context(self) -> OrtContext:
-        return OrtContext(self.session)
+    def new_context(self):
+        return self.session.io_binding()
 
-    def run(self, inputs: dict[str, memoryview], outputs: dict[str, memoryview], ctx: OrtContext):
-        bind = ctx.binding
-        for names, tensors, fn in ((self.input_names, inputs, bind.bind_input), (self.output_names, outputs, bind.bind_output)):
-            for name in names:
-                view = tensors[name]
-                if ctx.bound.get(name) is not view:
-                    a = np.asarray(view)
-                    fn(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
-                    ctx.bound[name] = view
-        self.session.run_with_iobinding(bind)
+    def run(self, inputs: dict[str, memoryview], outputs: dict[str, memoryview], binding):
+        for name, view in inputs.items():
+            a = np.asarray(view)
+            binding.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        for name, view in outputs.items():
+            a = np.asarray(view)
+            binding.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        self.session.run_with_iobinding(binding)
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """inputs: every graph input by name; outputs: optional preallocated buffers, written in place.

@@ -3,7 +3,9 @@
  *   Model(dir, stages, verify_hashes=False)  stages: {"vision"|"head"|"llm"|"llm_prefill": (variant index, stage)}
  *                                            where stage.run(inputs, outputs, context) runs one call on
  *                                            {name: memoryview} buffers the core owns (zero-copy, buffer protocol)
- *                                            and stage.new_context() (optional) makes per-session state
+ *                                            and stage.new_context() (optional) makes per-session state;
+ *                                            a stage with `incremental = True` is handed only the tensors whose
+ *                                            buffer, shape or dtype changed since its last call in that context
  *   Session(model, n_ctx=0, n_batch=0, frame_chunk=0)   .prompt(...) .next(sampler) .rollback(p) .reset() ...
  *   Sampler(n_vocab, temperature=0, top_k=0, top_p=1, repetition_penalty=1, seed=0)   .sample(logits, history)
  *   rng_doubles(seed, n)
@@ -36,6 +38,7 @@ static PyObject *raise_error(llamavid_error *e) {
 typedef struct {
     PyObject *run;      /* the stage's bound run method */
     PyObject *obj;
+    int incremental;    /* hand over only the tensors that changed */
 } py_stage;
 
 typedef struct {
@@ -97,6 +100,10 @@ static llamavid_error *py_open_stage(void *user, const llamavid_variant *v, void
         PyMem_Free(ps);
         return python_error("stage: expected a run(inputs, outputs, context) method");
     }
+    PyObject *inc = PyObject_GetAttrString(obj, "incremental");
+    ps->incremental = inc && PyObject_IsTrue(inc) == 1;
+    Py_XDECREF(inc);
+    PyErr_Clear();
     Py_INCREF(obj);
     ps->obj = obj;
     *out = ps;
@@ -144,11 +151,13 @@ static void py_close_context(void *stage, void *ctx) {
     PyGILState_Release(g);
 }
 
-/* The memoryview of tensor t in slot s: the previous one while data, shape and dtype are the same. */
-static PyObject *slot_view(py_slot *s, const llamavid_tensor *t) {
+/* The memoryview of tensor t in slot s: the previous one while data, shape and dtype are the same (*fresh 0). */
+static PyObject *slot_view(py_slot *s, const llamavid_tensor *t, int *fresh) {
+    *fresh = 0;
     if (s->view && s->data == t->data && s->dtype == t->dtype && s->ndim == t->ndim &&
         memcmp(s->shape, t->shape, sizeof s->shape) == 0)
         return s->view;
+    *fresh = 1;
     Py_ssize_t shape[LLAMAVID_MAX_DIMS], n = 1, size = (Py_ssize_t)llamavid_dtype_size(t->dtype);
     for (int32_t d = 0; d < t->ndim; d++) n *= (shape[d] = (Py_ssize_t)t->shape[d]);
     Py_buffer b = {.buf = t->data, .obj = NULL, .len = n * size, .itemsize = size, .readonly = 0, .ndim = t->ndim,
@@ -164,11 +173,13 @@ static PyObject *slot_view(py_slot *s, const llamavid_tensor *t) {
     return s->name ? view : NULL;
 }
 
-static PyObject *tensor_dict(py_slot *slots, const llamavid_tensor *t, int32_t n) {
+/* {name: memoryview} of tensors t (only_changed: those whose view is new) */
+static PyObject *tensor_dict(py_slot *slots, const llamavid_tensor *t, int32_t n, int only_changed) {
     PyObject *d = PyDict_New();
     for (int32_t i = 0; d && i < n; i++) {
-        PyObject *v = slot_view(&slots[i], &t[i]);
-        if (!v || PyDict_SetItem(d, slots[i].name, v) < 0) Py_CLEAR(d);
+        int fresh;
+        PyObject *v = slot_view(&slots[i], &t[i], &fresh);
+        if (!v || ((fresh || !only_changed) && PyDict_SetItem(d, slots[i].name, v) < 0)) Py_CLEAR(d);
     }
     return d;
 }
@@ -186,7 +197,8 @@ static llamavid_error *py_run(void *stage, void *ctx, const llamavid_tensor *in,
         c->slots = grown;
         c->n = n_in + n_out;
     }
-    PyObject *ins = tensor_dict(c->slots, in, n_in), *outs = ins ? tensor_dict(c->slots + n_in, out, n_out) : NULL;
+    PyObject *ins = tensor_dict(c->slots, in, n_in, ps->incremental);
+    PyObject *outs = ins ? tensor_dict(c->slots + n_in, out, n_out, ps->incremental) : NULL;
     PyObject *r = outs ? PyObject_CallFunctionObjArgs(ps->run, ins, outs, c->user, NULL) : NULL;
     if (!r) e = python_error("run");
     Py_XDECREF(r);
