@@ -6,7 +6,7 @@ onnxruntime (CPU, the default here) or onnxruntime-gpu: both write the same fold
 from setuptools import Extension, find_packages, setup
 
 # The runtime's C core (runtime/csrc) and its CPython extension, built by `pip install -e .` in place.
-CORE_SOURCES = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c"]
+CORE_SOURCES = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c", "stream.c"]
 LLAMAVID = Extension("runtime._llamavid", sources=[f"runtime/csrc/{f}" for f in ["pymodule.c", *CORE_SOURCES]],
                      include_dirs=["runtime/csrc"], extra_compile_args=["-std=c11", "-O2", "-Wall"], libraries=["m"])
 

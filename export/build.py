@@ -322,11 +322,12 @@ def _intact(out: Path, files: dict) -> bool:
 
 def prompt_section(cfg) -> dict:
     from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+    from llamavid_ref.model import LONG_VIDEO_INTRO, LONG_VIDEO_OUTRO
     from llamavid_ref.templates import TEMPLATES
     t = TEMPLATES[cfg.template]
     return {"template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
             "image_placeholder": IMAGE_PLACEHOLDER, "image_token_id": IMAGE_TOKEN_INDEX,
-            "media_prefix": IMAGE_PLACEHOLDER + "\n"}
+            "media_prefix": IMAGE_PLACEHOLDER + "\n", "long_video": {"intro": LONG_VIDEO_INTRO, "outro": LONG_VIDEO_OUTRO}}
 
 
 def model_io(cfg, kv_layout: str) -> dict:

@@ -8,7 +8,8 @@ same file) reads it. Layout, version 3:
       "model":       name, config (the full LlamaVidConfig), tokens_per_frame, vision_width, llm_hidden
       "preprocess":  image_size, mean, std, image_aspect_ratio ("pad": images padded to square), video_fps
       "prompt":      template, system, roles, sep, sep2 (text pieces of the conversation template),
-                     image_placeholder ("<image>"), image_token_id (-200), media_prefix ("<image>\\n")
+                     image_placeholder ("<image>"), image_token_id (-200), media_prefix ("<image>\\n"),
+                     long_video {intro, outro}: the release's movie prompt around the frames and subtitles
       "special_ids": bos, eos, pad, image
       "tokenizers":  llm (tokenizer.json | tokenizer.model), qformer (WordPiece vocab), qformer_max_length
       "runtime":     frame_chunk (frames per vision/head call)

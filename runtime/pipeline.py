@@ -199,6 +199,12 @@ class Pipeline:
     def chat(self, media_=None) -> "ChatSession":
         return ChatSession(self, media_)
 
+    def stream(self, **options):
+        """A live stream on this pipeline: frames pushed into a warm KV cache, questions at any time
+        (runtime/stream.py documents the options). Several streams may run at once, each its own session."""
+        from .stream import Stream
+        return Stream(self, **options)
+
 
 class ChatSession:
     """Multi-turn chat about one image or video; each turn re-encodes the media with the newest question

@@ -22,7 +22,7 @@ from test_runtime_media import run_without_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "runtime" / "csrc"
-CORE = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c"]
+CORE = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c", "stream.c"]
 WRAP = "-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc"
 
 

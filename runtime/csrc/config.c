@@ -252,7 +252,7 @@ static llamavid_error *expect(const char *stage, const char *io, const tensor_sp
                               llamavid_dtype_name(t->dtype), f);
 }
 
-static llamavid_error *check_stage_tensors(const config *c, const json *m) {
+static llamavid_error *check_stage_tensors(config *c, const json *m) {
     const llamavid_model_info *i = &c->info;
     const stage_spec *v = &c->io[0], *h = &c->io[1], *l = &c->io[2];
     llamavid_error *e;
@@ -262,6 +262,8 @@ static llamavid_error *check_stage_tensors(const config *c, const json *m) {
                                   "3 inputs 1 output, llm %d inputs %d outputs (llm.layers %d), found %d/%d, %d/%d, %d/%d",
                                   2 + 2 * i->layers, 1 + 2 * i->layers, i->layers, v->n_in, v->n_out, h->n_in,
                                   h->n_out, l->n_in, l->n_out);
+    if (!(c->kv_is_key = calloc(2 * (size_t)i->layers, 1)))
+        return llamavid_error_new(LLAMAVID_ERR_MEMORY, "out of memory reading llm.past_names");
     int64_t px[] = {-1, 3, i->image_size, i->image_size}, feats[] = {-1, i->vision_tokens, i->vision_width},
             ids[] = {1, -1}, tokens[] = {-1, i->tokens_per_frame, i->hidden}, embeds[] = {1, -1, i->hidden},
             mask[] = {1, -1}, logits[] = {1, 1, i->vocab_size}, kv[] = {1, i->kv_heads, -1, i->head_dim};
@@ -277,6 +279,12 @@ static llamavid_error *check_stage_tensors(const config *c, const json *m) {
         return e;
     const json *past = path_get(m, "llm.past_names"), *present = path_get(m, "llm.present_names");
     for (int32_t k = 0; k < 2 * i->layers; k++) {
+        size_t n = strlen(l->in[2 + k].name);
+        int key = n > 4 && strcmp(l->in[2 + k].name + n - 4, ".key") == 0;
+        if (!key && !(n > 6 && strcmp(l->in[2 + k].name + n - 6, ".value") == 0))
+            return llamavid_error_new(LLAMAVID_ERR_MANIFEST, "manifest.json: llm.past_names[%d]: expected a name ending "
+                                      "in .key or .value, found %s", k, l->in[2 + k].name);
+        c->kv_is_key[k] = (unsigned char)key;
         const json *pn = json_at(past, k), *qn = json_at(present, k);
         if (!pn || pn->type != J_STR || strcmp(pn->str, l->in[2 + k].name) != 0 || !qn || qn->type != J_STR ||
             strcmp(qn->str, l->out[1 + k].name) != 0)

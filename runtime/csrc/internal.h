@@ -9,6 +9,7 @@
 #define MAGIC_MODEL 0x4c564d4fu     /* "LVMO" */
 #define MAGIC_SESSION 0x4c565345u   /* "LVSE" */
 #define MAGIC_SAMPLER 0x4c565341u   /* "LVSA" */
+#define MAGIC_STREAM 0x4c565354u    /* "LVST" */
 #define MAGIC_FREED 0xdeadbeefu
 
 enum { ST_VISION, ST_HEAD, ST_LLM, ST_PREFILL, N_STAGES };
@@ -62,6 +63,7 @@ typedef struct {
     variant_spec *variants[3];
     int32_t n_variants[3];
     char embeddings[512];              /* relative path of the [vocab,H] float32 .npy */
+    unsigned char *kv_is_key;          /* [2*layers] 1 for a key tensor (rotated by RoPE), 0 for a value */
 } config;
 
 llamavid_error *config_read(const char *dir, int verify_hashes, config *cfg);
@@ -89,6 +91,20 @@ struct llamavid_model {
     embed_table embed;
     stage stages[N_STAGES];
 };
+
+/* ---- session.c, for stream.c ---- */
+/* Encodes frames [n <= frame_chunk] into the session's feats (vision) and frame tokens (head) buffers. */
+llamavid_error *session_encode(llamavid_session *s, const float *pixels, int32_t n, const int64_t *qids,
+                               const int64_t *qmask, int32_t L, int run_vision);
+float *session_feats(llamavid_session *s);          /* [frame_chunk, N+1, Cv] */
+float *session_frame_tokens(llamavid_session *s);   /* [frame_chunk, n+1, H] */
+/* Appends rows [n, H] (ids: their text ids, or NULL: visual) or text ids; flushed to the llm at n_batch rows
+ * and by session_flush. The caller checks the capacity first. */
+llamavid_error *session_rows(llamavid_session *s, const float *rows, const int32_t *ids, int32_t n);
+llamavid_error *session_ids(llamavid_session *s, const int32_t *ids, int32_t n);
+llamavid_error *session_flush(llamavid_session *s);
+int32_t session_capacity(const llamavid_session *s);
+const llamavid_model *session_model(const llamavid_session *s);
 
 /* ---- sampler.c ---- */
 int sampler_live(const llamavid_sampler *s);

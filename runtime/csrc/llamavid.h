@@ -246,8 +246,77 @@ int32_t llamavid_session_position(const llamavid_session *s);                   
 /* Keep positions [0, position): the KV cache of a prefix survives, the rest is dropped. */
 llamavid_error *llamavid_session_rollback(llamavid_session *s, int32_t position);
 void llamavid_session_reset(llamavid_session *s);                             /* rollback to 0 */
+/* Drop positions [start, start + n) and move the later ones down by n: their keys are rotated back by n
+ * positions of RoPE (the manifest's rope_theta and linear rope_scaling), so the cache reads as if they had
+ * been computed at their new positions (StreamingLLM-style sliding windows). */
+llamavid_error *llamavid_session_evict(llamavid_session *s, int32_t start, int32_t n);
 llamavid_error *llamavid_session_kv_info(const llamavid_session *s, llamavid_kv_info *info);
 llamavid_error *llamavid_session_stats(const llamavid_session *s, llamavid_stats *stats);
+
+/* ---- stream: live video into a warm KV cache --------------------------------------------------------------- *
+ *
+ *   [prefix: system, "USER: " | pinned]  [frame tokens (+ subtitle ids), oldest first | sliding window]
+ *   push(frame, t): frames gather into a chunk; a full chunk runs vision and head once (with the fixed ingest
+ *     instruction's Q-Former ids: context tokens valid for any question) and is appended to the KV cache; the
+ *     vision features and tokens of the last focus_frames frames are kept.
+ *   window full: the oldest whole frames are evicted (llamavid_session_evict: later keys re-rotated), the
+ *     prefix stays (its tokens are the attention sinks).
+ *   ask(question): the focus tier, i.e. the last focus_frames frames' tokens recomputed by the head from their
+ *     kept features with the question's Q-Former ids, takes the place of their warm copies (focus_replace) or
+ *     follows them; then the question's text, the answer; afterwards everything after the warm tier is rolled
+ *     back (and warm copies put back), so the time to the first token depends on the question and focus_frames,
+ *     not on the hours of video behind them.
+ */
+typedef struct llamavid_stream llamavid_stream;
+
+typedef struct {
+    int32_t n_ctx;                    /* KV capacity in positions; 0: the model's context */
+    const int32_t *prefix_ids;        /* the text before the frames, e.g. "<s>A chat ... USER: " (pinned) */
+    int32_t n_prefix;
+    const int64_t *ingest_qformer_ids;    /* [1, n_ingest]: the fixed instruction the warm frames are encoded with */
+    const int64_t *ingest_qformer_mask;
+    int32_t n_ingest;
+    int32_t focus_frames;             /* recomputed with the question at ask time; 0: warm tier only; <= frame_chunk */
+    int32_t focus_replace;            /* 1: the focus frames replace their warm copies; 0: they follow the warm tier */
+    int32_t reserve;                  /* positions kept free for the question and the answer */
+    int32_t evict_frames;             /* at least this many oldest frames go at once when the window is full */
+    int32_t max_subtitle;             /* subtitle ids a frame may carry (long-video mode) */
+} llamavid_stream_params;
+
+typedef struct {
+    const int32_t *ids;               /* the text after the frames, e.g. "\n<question> ASSISTANT:" */
+    int32_t n_ids;
+    const int64_t *qformer_ids;       /* [1, n_qformer]: the question as the Q-Former reads it */
+    const int64_t *qformer_mask;
+    int32_t n_qformer;
+} llamavid_question;
+
+typedef struct {
+    int64_t frames_pushed, frames_encoded, frames_evicted;
+    int32_t frames_held, frames_pending;      /* in the KV cache; waiting for their chunk */
+    double first_time, last_time;             /* of the frames held */
+    int32_t position, capacity;
+    size_t kv_bytes, feature_bytes, buffer_bytes;
+} llamavid_stream_info;
+
+llamavid_stream_params llamavid_stream_default_params(void);
+/* Creates the stream's session and appends the prefix. */
+llamavid_error *llamavid_stream_create(llamavid_model *m, const llamavid_stream_params *p, llamavid_stream **out);
+void llamavid_stream_free(llamavid_stream *st);
+/* One frame, pixel values [3,S,S] at t seconds (t must not go backwards: such a frame is refused and the
+ * stream goes on), optionally followed by its subtitle's ids. Encoded when its chunk is full or at flush/ask. */
+llamavid_error *llamavid_stream_push(llamavid_stream *st, const float *pixels, double t, const int32_t *subtitle,
+                                     int32_t n_subtitle);
+llamavid_error *llamavid_stream_flush(llamavid_stream *st);
+/* ask = begin (flush, focus tier, question: the logits are ready), next() on llamavid_stream_session(st) as for
+ * any session, end (roll back to the warm tier). While a question is open, push only buffers frames (they are
+ * encoded at end). llamavid_stream_ask does all three with llamavid_session_generate. */
+llamavid_error *llamavid_stream_begin(llamavid_stream *st, const llamavid_question *q);
+llamavid_error *llamavid_stream_end(llamavid_stream *st);
+llamavid_error *llamavid_stream_ask(llamavid_stream *st, const llamavid_question *q, llamavid_sampler *sampler,
+                                    int32_t max_new_tokens, llamavid_token_fn on_token, void *user, int32_t *n_tokens);
+llamavid_session *llamavid_stream_session(llamavid_stream *st);
+llamavid_error *llamavid_stream_get_info(const llamavid_stream *st, llamavid_stream_info *info);
 
 #ifdef __cplusplus
 }

@@ -496,6 +496,13 @@ static PyObject *Session_rollback(SessionObject *self, PyObject *arg) {
     return e ? raise_error(e) : Py_NewRef(Py_None);
 }
 
+static PyObject *Session_evict(SessionObject *self, PyObject *args) {
+    int start, n;
+    if (!PyArg_ParseTuple(args, "ii", &start, &n) || !usable(self)) return NULL;
+    llamavid_error *e = llamavid_session_evict(self->s, start, n);
+    return e ? raise_error(e) : Py_NewRef(Py_None);
+}
+
 static PyObject *Session_reset(SessionObject *self, PyObject *unused) {
     (void)unused;
     if (!usable(self)) return NULL;
@@ -548,6 +555,7 @@ static PyMethodDef Session_methods[] = {
     {"logits", (PyCFunction)Session_logits, METH_NOARGS, "logits() -> bytes of float32 [V], or None"},
     {"rollback", (PyCFunction)Session_rollback, METH_O, "rollback(position): keep positions [0, position)"},
     {"reset", (PyCFunction)Session_reset, METH_NOARGS, "reset(): rollback(0)"},
+    {"evict", (PyCFunction)Session_evict, METH_VARARGS, "evict(start, n): drop positions [start, start+n), later keys re-rotated"},
     {"close", (PyCFunction)Session_close, METH_NOARGS, "close(): free the session's buffers now"},
     {"kv_info", (PyCFunction)Session_kv_info, METH_NOARGS, "kv_info() -> {capacity, position, kv_bytes, buffer_bytes}"},
     {"stats", (PyCFunction)Session_stats, METH_NOARGS, "stats() -> calls and seconds per stage, api seconds, tokens"},
@@ -560,6 +568,192 @@ static PyTypeObject SessionType = {
     .tp_basicsize = sizeof(SessionObject), .tp_dealloc = (destructor)Session_dealloc, .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A conversation's KV cache on a Model (one thread at a time).", .tp_methods = Session_methods,
     .tp_getset = Session_getset, .tp_init = (initproc)Session_init, .tp_new = PyType_GenericNew};
+
+/* ---- Stream ------------------------------------------------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    llamavid_stream *st;
+    ModelObject *model;
+    int busy;
+} StreamObject;
+
+static int stream_usable(StreamObject *self) {
+    if (!self->st) { PyErr_SetString(PyExc_ValueError, "stream: expected an open stream, found a closed one"); return 0; }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "stream: expected one call at a time, found another call running on it");
+        return 0;
+    }
+    return 1;
+}
+
+static void Stream_dealloc(StreamObject *self) {
+    llamavid_stream_free(self->st);
+    Py_XDECREF(self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Runs a core call on the stream with the GIL released; e: its result. */
+#define STREAM_CALL(self, e, call) \
+    do { self->busy = 1; Py_BEGIN_ALLOW_THREADS e = (call); Py_END_ALLOW_THREADS self->busy = 0; } while (0)
+
+static int Stream_init(StreamObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"model", "prefix_ids", "ingest_ids", "ingest_mask", "n_ctx", "focus_frames", "focus_replace",
+                            "reserve", "evict_frames", "max_subtitle", NULL};
+    ModelObject *model;
+    PyObject *o[3];
+    llamavid_stream_params p = llamavid_stream_default_params();
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOO|iiiiii", names, &ModelType, &model, &o[0], &o[1], &o[2], &p.n_ctx,
+                                     &p.focus_frames, &p.focus_replace, &p.reserve, &p.evict_frames, &p.max_subtitle))
+        return -1;
+    if (self->st) { PyErr_SetString(PyExc_RuntimeError, "Stream: already open"); return -1; }
+    Py_buffer b[3];
+    const char kinds[3] = {'i', 'q', 'q'};
+    const char *what[3] = {"prefix_ids", "ingest_ids", "ingest_mask"};
+    int held = 0, rc = -1;
+    for (; held < 3; held++)
+        if (get_buffer(o[held], &b[held], kinds[held], held ? 2 : 1, what[held]) < 0) goto out;
+    if (b[1].shape[0] != 1 || b[2].shape[0] != 1 || b[1].shape[1] != b[2].shape[1]) {
+        PyErr_SetString(PyExc_ValueError, "ingest_ids/ingest_mask: expected two [1,L] int64 arrays of the same L");
+        goto out;
+    }
+    p.prefix_ids = b[0].buf;
+    p.n_prefix = (int32_t)(b[0].len / 4);
+    p.ingest_qformer_ids = b[1].buf;
+    p.ingest_qformer_mask = b[2].buf;
+    p.n_ingest = (int32_t)b[1].shape[1];
+    llamavid_error *e;
+    Py_BEGIN_ALLOW_THREADS
+    e = llamavid_stream_create(model->m, &p, &self->st);
+    Py_END_ALLOW_THREADS
+    if (e) { raise_error(e); goto out; }
+    self->model = (ModelObject *)Py_NewRef(model);
+    rc = 0;
+out:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&b[k]);
+    return rc;
+}
+
+static PyObject *Stream_push(StreamObject *self, PyObject *args) {
+    PyObject *px, *sub = Py_None;
+    double t;
+    if (!PyArg_ParseTuple(args, "Od|O", &px, &t, &sub) || !stream_usable(self)) return NULL;
+    Py_buffer b, sb = {0};
+    if (get_buffer(px, &b, 'f', 3, "pixels") < 0) return NULL;
+    if (sub != Py_None && get_buffer(sub, &sb, 'i', 1, "subtitle") < 0) { PyBuffer_Release(&b); return NULL; }
+    const int S = self->model->info.image_size;
+    PyObject *r = NULL;
+    if (b.shape[0] != 3 || b.shape[1] != S || b.shape[2] != S) {
+        PyErr_Format(PyExc_ValueError, "pixels: expected [3,%d,%d] float32, found [%zd, %zd, %zd]", S, S, b.shape[0],
+                     b.shape[1], b.shape[2]);
+    } else {
+        llamavid_error *e;
+        STREAM_CALL(self, e, llamavid_stream_push(self->st, b.buf, t, sb.buf, (int32_t)(sb.len / 4)));
+        r = e ? raise_error(e) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&b);
+    if (sub != Py_None) PyBuffer_Release(&sb);
+    return r;
+}
+
+static PyObject *Stream_flush(StreamObject *self, PyObject *unused) {
+    (void)unused;
+    if (!stream_usable(self)) return NULL;
+    llamavid_error *e;
+    STREAM_CALL(self, e, llamavid_stream_flush(self->st));
+    return e ? raise_error(e) : Py_NewRef(Py_None);
+}
+
+static PyObject *Stream_begin(StreamObject *self, PyObject *args) {
+    PyObject *o[3];
+    if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2]) || !stream_usable(self)) return NULL;
+    Py_buffer b[3];
+    const char kinds[3] = {'i', 'q', 'q'};
+    const char *what[3] = {"ids", "qformer_ids", "qformer_mask"};
+    int held = 0;
+    PyObject *r = NULL;
+    for (; held < 3; held++)
+        if (get_buffer(o[held], &b[held], kinds[held], held ? 2 : 1, what[held]) < 0) goto out;
+    llamavid_question q = {b[0].buf, (int32_t)(b[0].len / 4), b[1].buf, b[2].buf, (int32_t)b[1].shape[1]};
+    llamavid_error *e;
+    STREAM_CALL(self, e, llamavid_stream_begin(self->st, &q));
+    r = e ? raise_error(e) : Py_NewRef(Py_None);
+out:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&b[k]);
+    return r;
+}
+
+static PyObject *Stream_next(StreamObject *self, PyObject *arg) {
+    if (!PyObject_TypeCheck(arg, &SamplerType) || !((SamplerObject *)arg)->s) {
+        PyErr_SetString(PyExc_TypeError, "next: expected a Sampler");
+        return NULL;
+    }
+    if (!stream_usable(self)) return NULL;
+    int32_t token;
+    llamavid_error *e;
+    STREAM_CALL(self, e, llamavid_session_next(llamavid_stream_session(self->st), ((SamplerObject *)arg)->s, &token));
+    return e ? raise_error(e) : PyLong_FromLong(token);
+}
+
+static PyObject *Stream_end(StreamObject *self, PyObject *unused) {
+    (void)unused;
+    if (!stream_usable(self)) return NULL;
+    llamavid_error *e;
+    STREAM_CALL(self, e, llamavid_stream_end(self->st));
+    return e ? raise_error(e) : Py_NewRef(Py_None);
+}
+
+static PyObject *Stream_info(StreamObject *self, PyObject *unused) {
+    (void)unused;
+    if (!stream_usable(self)) return NULL;
+    llamavid_stream_info i;
+    llamavid_error *e = llamavid_stream_get_info(self->st, &i);
+    if (e) return raise_error(e);
+    return Py_BuildValue("{sL sL sL si si sd sd si si sn sn sn}", "frames_pushed", (long long)i.frames_pushed,
+                         "frames_encoded", (long long)i.frames_encoded, "frames_evicted", (long long)i.frames_evicted,
+                         "frames_held", i.frames_held, "frames_pending", i.frames_pending, "first_time", i.first_time,
+                         "last_time", i.last_time, "position", i.position, "capacity", i.capacity, "kv_bytes",
+                         (Py_ssize_t)i.kv_bytes, "feature_bytes", (Py_ssize_t)i.feature_bytes, "buffer_bytes",
+                         (Py_ssize_t)i.buffer_bytes);
+}
+
+static PyObject *Stream_stats(StreamObject *self, PyObject *unused) {
+    (void)unused;
+    if (!stream_usable(self)) return NULL;
+    llamavid_stats s;
+    llamavid_error *e = llamavid_session_stats(llamavid_stream_session(self->st), &s);
+    if (e) return raise_error(e);
+    return Py_BuildValue("{s(LLLL) s(dddd) sd sL}", "calls", s.calls[0], s.calls[1], s.calls[2], s.calls[3],
+                         "stage_seconds", s.stage_seconds[0], s.stage_seconds[1], s.stage_seconds[2], s.stage_seconds[3],
+                         "api_seconds", s.api_seconds, "tokens", s.tokens);
+}
+
+static PyObject *Stream_close(StreamObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->busy) {
+        stream_usable(self);
+        return NULL;
+    }
+    llamavid_stream_free(self->st);
+    self->st = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Stream_methods[] = {
+    {"push", (PyCFunction)Stream_push, METH_VARARGS, "push(pixels float32 [3,S,S], t, subtitle=None int32)"},
+    {"flush", (PyCFunction)Stream_flush, METH_NOARGS, "flush(): encode the frames pushed so far"},
+    {"begin", (PyCFunction)Stream_begin, METH_VARARGS, "begin(ids int32, qformer_ids int64 [1,L], qformer_mask)"},
+    {"next", (PyCFunction)Stream_next, METH_O, "next(sampler) -> token of the open question's answer"},
+    {"end", (PyCFunction)Stream_end, METH_NOARGS, "end(): roll back to the warm tier"},
+    {"info", (PyCFunction)Stream_info, METH_NOARGS, "info() -> frames, positions, memory"},
+    {"stats", (PyCFunction)Stream_stats, METH_NOARGS, "stats() -> calls and seconds per stage"},
+    {"close", (PyCFunction)Stream_close, METH_NOARGS, "close(): free the stream now"},
+    {NULL}};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "runtime._llamavid.Stream",
+    .tp_basicsize = sizeof(StreamObject), .tp_dealloc = (destructor)Stream_dealloc, .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Live video into a warm KV cache (llamavid.h's llamavid_stream).", .tp_methods = Stream_methods,
+    .tp_init = (initproc)Stream_init, .tp_new = PyType_GenericNew};
 
 /* ---- module ------------------------------------------------------------------------------------------------------ */
 static PyObject *rng_doubles(PyObject *mod, PyObject *args) {
@@ -584,12 +778,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_llamavid", "The C c
                                     module_methods};
 
 PyMODINIT_FUNC PyInit__llamavid(void) {
-    if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&SessionType) < 0 || PyType_Ready(&SamplerType) < 0) return NULL;
+    if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&SessionType) < 0 || PyType_Ready(&SamplerType) < 0 ||
+        PyType_Ready(&StreamType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Model", (PyObject *)&ModelType) < 0 ||
         PyModule_AddObjectRef(m, "Session", (PyObject *)&SessionType) < 0 ||
         PyModule_AddObjectRef(m, "Sampler", (PyObject *)&SamplerType) < 0 ||
+        PyModule_AddObjectRef(m, "Stream", (PyObject *)&StreamType) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", LLAMAVID_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

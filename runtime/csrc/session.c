@@ -13,6 +13,7 @@
  */
 #include "internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,7 @@ struct llamavid_session {
     float *frame_tokens;           /* [frame_chunk, n+1, H] */
     int32_t chunk_start, chunk_len;/* frames whose tokens frame_tokens holds */
     float *logits;                 /* [V] */
+    double *rot_cos, *rot_sin;     /* [head_dim / 2] RoPE of an eviction's shift */
     int has_logits;
     int32_t pending;               /* a sampled token not yet in the KV cache, or -1 */
     int32_t stop[16], n_stop;      /* tokens that end an answer */
@@ -145,31 +147,65 @@ static llamavid_error *push_text(llamavid_session *s, int32_t id) {
     return push_row(s, s->m->embed.rows + (size_t)id * (size_t)s->m->cfg.info.hidden, id);
 }
 
-/* ---- the frame timeline: frame f's tokens [n+1, H], encoding the chunk that holds it when needed ------------------- */
-static llamavid_error *frame_tokens(llamavid_session *s, const llamavid_prompt *p, int32_t f, const float **out) {
+/* ---- the frame timeline: frames --|vision|--> feats --|head|--> frame tokens, a chunk at a time ---------------------- */
+llamavid_error *session_encode(llamavid_session *s, const float *pixels, int32_t n, const int64_t *qids,
+                               const int64_t *qmask, int32_t L, int run_vision) {
     const config *c = &s->m->cfg;
     const llamavid_model_info *i = &c->info;
-    if (f < s->chunk_start || f >= s->chunk_start + s->chunk_len) {
-        int32_t n = p->n_frames - f < s->frame_chunk ? p->n_frames - f : s->frame_chunk, S = i->image_size;
-        llamavid_tensor in[3], out[1];
-        s->chunk_len = 0;
-        set_tensor(&in[0], c->io[ST_VISION].in[0].name, LLAMAVID_F32, (void *)(p->pixels + (size_t)f * 3 * S * S), 4,
-                   n, 3, S, S);
+    const int32_t S = i->image_size;
+    llamavid_tensor in[3], out[1];
+    llamavid_error *e;
+    s->chunk_len = 0;
+    if (run_vision) {
+        set_tensor(&in[0], c->io[ST_VISION].in[0].name, LLAMAVID_F32, (void *)pixels, 4, n, 3, S, S);
         set_tensor(&out[0], c->io[ST_VISION].out[0].name, LLAMAVID_F32, s->feats, 3, n, i->vision_tokens,
                    i->vision_width, 0);
-        llamavid_error *e = run_stage(s, ST_VISION, in, 1, out, 1);
+        if ((e = run_stage(s, ST_VISION, in, 1, out, 1))) return e;
+    }
+    set_tensor(&in[0], c->io[ST_HEAD].in[0].name, LLAMAVID_F32, s->feats, 3, n, i->vision_tokens, i->vision_width, 0);
+    set_tensor(&in[1], c->io[ST_HEAD].in[1].name, LLAMAVID_I64, (void *)qids, 2, 1, L, 0, 0);
+    set_tensor(&in[2], c->io[ST_HEAD].in[2].name, LLAMAVID_I64, (void *)qmask, 2, 1, L, 0, 0);
+    set_tensor(&out[0], c->io[ST_HEAD].out[0].name, LLAMAVID_F32, s->frame_tokens, 3, n, i->tokens_per_frame, i->hidden, 0);
+    return run_stage(s, ST_HEAD, in, 3, out, 1);
+}
+
+float *session_feats(llamavid_session *s) { return s->feats; }
+float *session_frame_tokens(llamavid_session *s) { return s->frame_tokens; }
+int32_t session_capacity(const llamavid_session *s) { return s->n_ctx; }
+const llamavid_model *session_model(const llamavid_session *s) { return s->m; }
+
+/* frame f's tokens [n+1, H], encoding the chunk that holds it when needed */
+static llamavid_error *frame_tokens(llamavid_session *s, const llamavid_prompt *p, int32_t f, const float **out) {
+    const llamavid_model_info *i = &s->m->cfg.info;
+    if (f < s->chunk_start || f >= s->chunk_start + s->chunk_len) {
+        int32_t n = p->n_frames - f < s->frame_chunk ? p->n_frames - f : s->frame_chunk;
+        llamavid_error *e = session_encode(s, p->pixels + (size_t)f * 3 * i->image_size * i->image_size, n,
+                                           p->qformer_ids, p->qformer_mask, p->n_qformer, 1);
         if (e) return e;
-        set_tensor(&in[0], c->io[ST_HEAD].in[0].name, LLAMAVID_F32, s->feats, 3, n, i->vision_tokens, i->vision_width, 0);
-        set_tensor(&in[1], c->io[ST_HEAD].in[1].name, LLAMAVID_I64, (void *)p->qformer_ids, 2, 1, p->n_qformer, 0, 0);
-        set_tensor(&in[2], c->io[ST_HEAD].in[2].name, LLAMAVID_I64, (void *)p->qformer_mask, 2, 1, p->n_qformer, 0, 0);
-        set_tensor(&out[0], c->io[ST_HEAD].out[0].name, LLAMAVID_F32, s->frame_tokens, 3, n, i->tokens_per_frame,
-                   i->hidden, 0);
-        if ((e = run_stage(s, ST_HEAD, in, 3, out, 1))) return e;
         s->chunk_start = f;
         s->chunk_len = n;
     }
     *out = s->frame_tokens + (size_t)(f - s->chunk_start) * (size_t)i->tokens_per_frame * (size_t)i->hidden;
     return NULL;
+}
+
+llamavid_error *session_rows(llamavid_session *s, const float *rows, const int32_t *ids, int32_t n) {
+    llamavid_error *e = NULL;
+    for (int32_t r = 0; r < n && !e; r++)
+        e = push_row(s, rows + (size_t)r * (size_t)s->m->cfg.info.hidden, ids ? ids[r] : -1);
+    return e;
+}
+
+llamavid_error *session_ids(llamavid_session *s, const int32_t *ids, int32_t n) {
+    llamavid_error *e = NULL;
+    for (int32_t r = 0; r < n && !e; r++) e = push_text(s, ids[r]);
+    return e;
+}
+
+llamavid_error *session_flush(llamavid_session *s) {
+    llamavid_error *e = flush(s);
+    s->n_rows = 0;
+    return e;
 }
 
 /* ---- prompt ----------------------------------------------------------------------------------------------------------- */
@@ -373,6 +409,48 @@ llamavid_error *llamavid_session_rollback(llamavid_session *s, int32_t position)
     return NULL;
 }
 
+/* Rotates the head_dim-wide key rows [n, d] by `shift` positions of RoPE (half layout: dims i and i + d/2 pair). */
+static void rerotate(const llamavid_session *s, float *rows, size_t n, int32_t shift) {
+    const config *c = &s->m->cfg;
+    const int32_t d = c->info.head_dim, half = d / 2;
+    for (int32_t k = 0; k < half; k++) {
+        double inv_freq = pow(c->rope_theta, -2.0 * k / d), a = (double)shift / c->rope_scaling * inv_freq;
+        s->rot_cos[k] = cos(a);
+        s->rot_sin[k] = sin(a);
+    }
+    for (size_t r = 0; r < n; r++) {
+        float *x = rows + r * (size_t)d;
+        for (int32_t k = 0; k < half; k++) {
+            double x1 = x[k], x2 = x[k + half];
+            x[k] = (float)(x1 * s->rot_cos[k] - x2 * s->rot_sin[k]);
+            x[k + half] = (float)(x2 * s->rot_cos[k] + x1 * s->rot_sin[k]);
+        }
+    }
+}
+
+llamavid_error *llamavid_session_evict(llamavid_session *s, int32_t start, int32_t n) {
+    CHECK_SESSION("llamavid_session_evict", s);
+    if (start < 0 || n < 0 || start + n > s->position)
+        return llamavid_error_new(LLAMAVID_ERR_ARGUMENT, "llamavid_session_evict: expected a range inside [0, %d), "
+                                  "found start %d, %d positions", s->position, start, n);
+    const llamavid_model_info *i = &s->m->cfg.info;
+    if (n == 0) return NULL;
+    const size_t d = (size_t)i->head_dim, stride = i->shared_kv ? (size_t)s->n_ctx : (size_t)s->position,
+                 moved = (size_t)(s->position - start - n), kept_stride = i->shared_kv ? stride : stride - (size_t)n;
+    for (int32_t j = 0; j < 2 * i->layers; j++)
+        for (int32_t h = 0; h < i->kv_heads; h++) {     /* concat: heads repacked to [kvh, position - n, d] */
+            float *src = s->kv[j] + (size_t)h * stride * d, *dst = s->kv[j] + (size_t)h * kept_stride * d;
+            memmove(dst, src, (size_t)start * d * sizeof(float));
+            memmove(dst + (size_t)start * d, src + (size_t)(start + n) * d, moved * d * sizeof(float));
+            if (s->m->cfg.kv_is_key[j]) rerotate(s, dst + (size_t)start * d, moved, -n);
+        }
+    memmove(s->tokens + start, s->tokens + start + n, moved * sizeof(int32_t));
+    s->position -= n;
+    s->pending = -1;
+    s->has_logits = 0;
+    return NULL;
+}
+
 void llamavid_session_reset(llamavid_session *s) {
     llamavid_error_free(llamavid_session_rollback(s, 0));
 }
@@ -409,7 +487,7 @@ void llamavid_session_free(llamavid_session *s) {
         if (s->kv_next) free(s->kv_next[j]);
     }
     free(s->kv); free(s->kv_next); free(s->tokens); free(s->ones); free(s->embeds); free(s->row_ids);
-    free(s->feats); free(s->frame_tokens); free(s->logits); free(s->llm_in); free(s->llm_out); free(s->check);
+    free(s->feats); free(s->frame_tokens); free(s->logits); free(s->rot_cos); free(s->rot_sin); free(s->llm_in); free(s->llm_out); free(s->check);
     s->magic = MAGIC_FREED;
     free(s);
 }
@@ -437,11 +515,14 @@ static llamavid_error *allocate(llamavid_session *s) {
     s->feats = alloc((size_t)s->frame_chunk * (size_t)i->vision_tokens, (size_t)i->vision_width * sizeof(float), &b, 0);
     s->frame_tokens = alloc((size_t)s->frame_chunk * (size_t)i->tokens_per_frame, H * sizeof(float), &b, 0);
     s->logits = alloc((size_t)i->vocab_size, sizeof(float), &b, 0);
+    s->rot_cos = alloc((size_t)i->head_dim, sizeof(double), &b, 0);
+    s->rot_sin = alloc((size_t)i->head_dim, sizeof(double), &b, 0);
     s->llm_in = alloc(2 + L2, sizeof(llamavid_tensor), &b, 1);
     s->llm_out = alloc(1 + L2, sizeof(llamavid_tensor), &b, 1);
     s->check = alloc(1 + L2, sizeof(llamavid_tensor), &b, 1);
     s->buffer_bytes = b;
     if (!s->tokens || !s->ones || !s->embeds || !s->row_ids || !s->feats || !s->frame_tokens || !s->logits ||
+        !s->rot_cos || !s->rot_sin ||
         !s->llm_in || !s->llm_out || !s->check)
         return llamavid_error_new(LLAMAVID_ERR_MEMORY, "llamavid_session_create: out of memory for %.1f MiB of buffers "
                                   "(n_batch %d, frame_chunk %d)", (double)b / (1 << 20), s->n_batch, s->frame_chunk);
