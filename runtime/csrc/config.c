@@ -404,6 +404,7 @@ void config_free(config *c) {
         free(c->io[s].out_t);
         free(c->variants[s]);
     }
+    free(c->kv_is_key);
     memset(c, 0, sizeof *c);
 }
 
