@@ -169,11 +169,10 @@ def open_source(source: str):
     return container, container.streams.video[0]
 
 
-def frames_of(source: str, realtime: bool) -> Iterator[tuple[np.ndarray, float]]:
-    """(RGB uint8 [H,W,3], t seconds) from a source; a corrupt packet is skipped (counted), the end or a stall
-    ends the iteration with a message."""
+def frames_of(container, video, realtime: bool) -> Iterator[tuple[np.ndarray, float]]:
+    """(RGB uint8 [H,W,3], t seconds) from an opened source; a corrupt packet is skipped (counted), the end or a
+    stall (no packet for the open timeout) ends the iteration with a message."""
     import av
-    container, video = open_source(source)
     start, skipped, t0 = time.monotonic(), 0, None
     try:
         for packet in container.demux(video):
@@ -211,12 +210,13 @@ def main(argv=None) -> int:
     try:
         pipe = Pipeline.open(a.artifacts, threads=a.threads)
         stream = pipe.stream(fps=a.fps, n_ctx=a.context, focus_frames=a.focus_frames)
+        container, video = open_source(a.source)
         done = threading.Event()
         errors: list[Exception] = []
 
         def ingest():
             try:
-                for frame, t in frames_of(a.source, not a.fast):
+                for frame, t in frames_of(container, video, not a.fast):
                     stream.push(frame, t)
             except Exception as e:          # shown by the main thread
                 errors.append(e)
@@ -234,7 +234,6 @@ def main(argv=None) -> int:
                 for piece in stream.ask(line.strip(), a.max_new_tokens):
                     print(piece, end="", flush=True)
                 print()
-        done.wait(timeout=0 if not a.fast else None)
         if errors:
             raise errors[0]
     except (ValueError, RuntimeError, OSError) as e:

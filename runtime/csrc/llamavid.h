@@ -256,7 +256,8 @@ llamavid_error *llamavid_session_stats(const llamavid_session *s, llamavid_stats
 /* ---- stream: live video into a warm KV cache --------------------------------------------------------------- *
  *
  *   [prefix: system, "USER: " | pinned]  [frame tokens (+ subtitle ids), oldest first | sliding window]
- *   push(frame, t): frames gather into a chunk; a full chunk runs vision and head once (with the fixed ingest
+ *   push(frame, t): frames gather into a chunk (the manifest's frame_chunk, at most half the window); a full
+ *     chunk runs vision and head once (with the fixed ingest
  *     instruction's Q-Former ids: context tokens valid for any question) and is appended to the KV cache; the
  *     vision features and tokens of the last focus_frames frames are kept.
  *   window full: the oldest whole frames are evicted (llamavid_session_evict: later keys re-rotated), the

@@ -141,7 +141,7 @@ llamavid_error *llamavid_stream_push(llamavid_stream *st, const float *pixels, d
     }
     const int32_t f = st->n_pending++;
     memcpy(st->pixels + (size_t)f * 3 * st->S * st->S, pixels, (size_t)3 * st->S * st->S * sizeof(float));
-    memcpy(st->pending_sub + (size_t)f * st->p.max_subtitle, subtitle, (size_t)n_subtitle * sizeof(int32_t));
+    if (n_subtitle) memcpy(st->pending_sub + (size_t)f * st->p.max_subtitle, subtitle, (size_t)n_subtitle * sizeof(int32_t));
     st->pending_sub_n[f] = n_subtitle;
     st->pending_t[f] = t;
     st->last_t = t;
@@ -320,6 +320,9 @@ llamavid_error *llamavid_stream_create(llamavid_model *m, const llamavid_stream_
         return e;
     }
     st->prefix_len = p->n_prefix;
+    /* a chunk takes at most half the window, so a chunk always fits after evicting older frames */
+    int32_t window_frames = (session_capacity(st->s) - p->n_prefix - p->reserve) / (st->n1 + p->max_subtitle);
+    if (st->chunk > window_frames / 2) st->chunk = window_frames / 2 > 1 ? window_frames / 2 : 1;
     *out = st;
     return NULL;
 }

@@ -261,22 +261,43 @@ static llamavid_model *open_model(void) {
 
 /* ---- the toy model computed here: rows in order -> logits -------------------------------------------------------- */
 static float want_rows[CTX][H];
+static int want_shift[CTX];            /* RoPE shift the core applied to the row's key by evictions */
 static int n_want;
 
-static void want_text(int id) { for (int h = 0; h < H; h++) want_rows[n_want][h] = embed_row(id, h); n_want++; }
+/* key of a row after its shift: RoPE, half layout, theta 10000, over the head's D dims */
+static float shifted_key(int p, int e) {
+    if (!want_shift[p]) return want_rows[p][e];
+    int k = e % (D / 2);
+    double a = want_shift[p] * pow(10000.0, -2.0 * k / D), x1 = want_rows[p][k], x2 = want_rows[p][k + D / 2];
+    return (float)(e < D / 2 ? x1 * cos(a) - x2 * sin(a) : x2 * cos(a) + x1 * sin(a));
+}
+
+static void want_evict(int start, int n) {
+    memmove(want_rows[start], want_rows[start + n], (size_t)(n_want - start - n) * sizeof want_rows[0]);
+    memmove(want_shift + start, want_shift + start + n, (size_t)(n_want - start - n) * sizeof(int));
+    for (int p = start; p < n_want - n; p++) want_shift[p] -= n;
+    n_want -= n;
+}
+
+static void want_text(int id) {
+    for (int h = 0; h < H; h++) want_rows[n_want][h] = embed_row(id, h);
+    want_shift[n_want++] = 0;
+}
 
 static void want_frame(const float *px, double q) {
     double mean = 0;
     for (int k = 0; k < 3 * S * S; k++) mean += px[k];
     float f00 = (float)(mean / (3 * S * S));
-    for (int r = 0; r < NTOK; r++, n_want++)
+    for (int r = 0; r < NTOK; r++, n_want++) {
         for (int h = 0; h < H; h++) want_rows[n_want][h] = f00 * (r + 1) + 0.1f * h + 0.01f * (float)q;
+        want_shift[n_want] = 0;
+    }
 }
 
 static void want_logits(float *out) {
     for (int v = 0; v < V; v++) {
         double acc = 0;
-        for (int p = 0; p < n_want; p++) acc += want_rows[p][v % D] * (1 + v % 3) * (1 + 0.05 * p);  /* layer 0 key, head 0 */
+        for (int p = 0; p < n_want; p++) acc += shifted_key(p, v % D) * (1 + v % 3) * (1 + 0.05 * p);  /* layer 0 key, head 0 */
         out[v] = (float)acc + 0.001f * (float)v;
     }
 }
@@ -624,6 +645,93 @@ static void set_real_hash(const char *name) {
     write_file("manifest.json", t, strlen(t));
 }
 
+static void test_evict(const char *layout) {
+    write_manifest(layout, 0, NULL, NULL);
+    llamavid_model *m = open_model();
+    llamavid_session *s = NULL;
+    OK(llamavid_session_create(m, NULL, &s));
+    int32_t ids[20];
+    n_want = 0;
+    for (int k = 0; k < 20; k++) want_text(ids[k] = 3 + (k * 7) % 30);
+    llamavid_prompt p = {.ids = ids, .n_ids = 20};
+    OK(llamavid_session_prompt(s, &p));
+    FAILS(llamavid_session_evict(s, 15, 6), LLAMAVID_ERR_ARGUMENT, "expected a range inside [0, 20), found start 15, 6");
+    OK(llamavid_session_evict(s, 5, 6));
+    want_evict(5, 6);
+    CHECK(llamavid_session_position(s) == 14 && !llamavid_session_logits(s), "%s: 14 positions after evicting 6", layout);
+    OK(llamavid_session_evict(s, 2, 3));                 /* twice: the shifts add up */
+    want_evict(2, 3);
+    p = (llamavid_prompt){.ids = ids, .n_ids = 1};
+    OK(llamavid_session_prompt(s, &p));
+    want_text(ids[0]);
+    float want[V];
+    want_logits(want);
+    CHECK(close_logits(llamavid_session_logits(s), want), "%s: logits after evictions: the moved keys re-rotated", layout);
+    llamavid_session_free(s);
+    llamavid_model_free(m);
+}
+
+/* a stream: chunks, the focus tier replacing the last frames' warm copies, answers, eviction */
+static void test_stream(void) {
+    write_manifest("shared", 0, NULL, NULL);
+    llamavid_model *m = open_model();
+    llamavid_stream *st = NULL;
+    const int32_t prefix[] = {BOS, 7};
+    const int64_t ingest[1][2] = {{4, 6}}, imask[1][2] = {{1, 1}};     /* q = 10 */
+    llamavid_stream_params sp = llamavid_stream_default_params();
+    sp.prefix_ids = prefix, sp.n_prefix = 2, sp.ingest_qformer_ids = ingest[0], sp.ingest_qformer_mask = imask[0];
+    sp.n_ingest = 2, sp.focus_frames = 2, sp.reserve = 4, sp.evict_frames = 2;
+    FAILS(llamavid_stream_create(m, &(llamavid_stream_params){.n_ingest = 0}, &st), LLAMAVID_ERR_ARGUMENT, "ingest");
+    OK(llamavid_stream_create(m, &sp, &st));
+    for (int f = 0; f < 10; f++) OK(llamavid_stream_push(st, pixels[f], f, NULL, 0));
+    FAILS(llamavid_stream_push(st, pixels[0], 8.5, NULL, 0), LLAMAVID_ERR_ARGUMENT, "expected a time >= 9.000 s");
+    llamavid_stream_info info;
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.frames_pushed == 10 && info.frames_encoded == 9 && info.frames_pending == 1 && info.position == 20,
+          "chunks of 3: 9 frames encoded, 1 pending, 20 positions (%lld, %lld, %d, %d)", (long long)info.frames_encoded,
+          (long long)info.frames_pushed, info.frames_pending, info.position);
+    const int32_t qids[] = {9, 10};
+    llamavid_question q = {qids, 2, QIDS[0], QMASK[0], 3};
+    OK(llamavid_stream_begin(st, &q));
+    FAILS(llamavid_stream_begin(st, &q), LLAMAVID_ERR_STATE, "one question at a time");
+    n_want = 0;
+    want_text(BOS); want_text(7);
+    for (int f = 0; f < 10; f++) want_frame(pixels[f], f < 8 ? 10 : 14);   /* the last 2 with the question */
+    want_text(9); want_text(10);
+    float want[V];
+    want_logits(want);
+    llamavid_session *s = llamavid_stream_session(st);
+    CHECK(close_logits(llamavid_session_logits(s), want), "stream: focus frames replace their warm copies");
+    OK(llamavid_stream_push(st, pixels[0], 10, NULL, 0));               /* buffered while the question is open */
+    llamavid_sampler *smp = NULL;
+    llamavid_sampler_params gp = llamavid_sampler_default_params();
+    OK(llamavid_sampler_create(&gp, V, &smp));
+    int32_t first[4], again[4], n;
+    for (int k = 0; k < 4; k++) OK(llamavid_session_next(s, smp, &first[k]));
+    OK(llamavid_stream_end(st));
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.position == 22 && info.frames_pending == 1, "back to the warm tier: 22 positions, 1 frame waiting (%d)",
+          info.position);
+    OK(llamavid_stream_flush(st));
+    OK(llamavid_stream_ask(st, &q, smp, 4, NULL, NULL, &n));
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.position == 24 && n == 4, "ask: 4 tokens, the warm tier back at 24 positions (%d)", info.position);
+    /* the window: 64 positions - reserve 4; frames evicted two or more at a time, the prefix kept */
+    for (int f = 11; f < 60; f++) OK(llamavid_stream_push(st, pixels[f % 10], f, NULL, 0));
+    OK(llamavid_stream_flush(st));
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.position <= 60 && info.frames_evicted > 0 && info.frames_held * 2 + 2 == info.position &&
+          info.last_time == 59 && info.first_time == 60 - info.frames_held, "window: %d positions, %d held from t=%g, %lld "
+          "evicted", info.position, info.frames_held, info.first_time, (long long)info.frames_evicted);
+    OK(llamavid_stream_begin(st, &q));
+    for (int k = 0; k < 2; k++) OK(llamavid_session_next(s, smp, &again[k]));
+    OK(llamavid_stream_end(st));
+    llamavid_sampler_free(smp);
+    llamavid_stream_free(st);
+    llamavid_model_free(m);
+    (void)first;
+}
+
 static void test_hashes(void) {
     const char *names[] = {"vision.onnx", "head.onnx", "llm/decoder.onnx", "llm/prefill.onnx", "embed.npy"};
     write_manifest("shared", 0, NULL, NULL);
@@ -649,6 +757,9 @@ int main(void) {
         test_prompt_layout("shared", prefill, 5);    /* the prompt in chunks of 5 rows */
         test_prompt_layout("concat", prefill, 7);
     }
+    test_evict("shared");
+    test_evict("concat");
+    test_stream();
     test_no_allocation_per_token();
     test_errors();
     test_bad_manifests();
