@@ -566,6 +566,12 @@ def main(argv=None) -> int:
     ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
     ap.add_argument("--part", choices=("all", "vision-head", "llm", "core"), default="all",
                     help="with --released-shapes (core: the C core's decode loop on an LLM of the 7B's widths)")
+    ap.add_argument("--stream", action="store_true", help="with --artifacts: streams (runtime/bench_stream.py): "
+                    "time to first token after 60 / 3,600 frames, ingest frames/s, a 10,000-frame soak, memory per hour; "
+                    "with --data WORLD also accuracy one-shot vs warm vs warm+focus")
+    ap.add_argument("--data", help="with --stream: a synthetic world folder (python -m llamavid_ref.data.world)")
+    ap.add_argument("--split", default="val", help="with --stream --data")
+    ap.add_argument("--limit", type=int, help="with --stream --data: first N clips")
     ap.add_argument("--core", action="store_true", help="with --artifacts: the C core's decode loop against the "
                                                         "Python loop it replaced and ORT alone (runtime/bench_core.py)")
     a = ap.parse_args(argv)
@@ -573,7 +579,13 @@ def main(argv=None) -> int:
         print("error: runtime.bench compares the runtime with the PyTorch reference: expected torch, found none; "
               'pip install "llamavid-deploy[export]"', file=sys.stderr)
         return 2
-    if a.core or (a.released_shapes and a.part == "core"):
+    if a.stream:
+        from runtime.bench_stream import INGESTS, bench_stream, report
+        from runtime.pipeline import Pipeline
+        r = bench_stream(Pipeline.open(a.artifacts, threads=a.threads or 1), a.data, a.split, a.limit,
+                         ingests=INGESTS if a.split == "val" else None)
+        print(report(r))
+    elif a.core or (a.released_shapes and a.part == "core"):
         from runtime.bench_core import bench_core, released_shapes_artifacts, report_core
         from runtime.pipeline import Pipeline
         with tempfile.TemporaryDirectory() as tmp:

@@ -374,16 +374,22 @@ def load_video(path, size: int, mean, std, fps: float = 1.0, max_frames: int | N
 
 
 # ---- any media -------------------------------------------------------------------------------------
-def _load_file(path, size: int, mean, std, pad_to_square: bool, fps: float) -> np.ndarray:
-    """An image file -> [1,3,S,S]; a video file, or an animated image (GIF, APNG: FFmpeg decodes them as
-    videos), -> [T,3,S,S]. A file Pillow cannot identify goes to the video decoder, whose error says why."""
+def is_video_file(path) -> bool:
+    """False for a still image Pillow reads; True for anything else: a video, an animated image (GIF, APNG:
+    FFmpeg decodes them as videos), or a file Pillow cannot identify (the video decoder's error says why)."""
     try:
         with Image.open(path) as image:
-            if getattr(image, "n_frames", 1) == 1:
-                return preprocess_image(image, size, pad_to_square, mean, std)[None]
+            return getattr(image, "n_frames", 1) > 1
     except (UnidentifiedImageError, IsADirectoryError, FileNotFoundError):
-        pass
-    return load_video(path, size, mean, std, fps)[0]
+        return True
+
+
+def _load_file(path, size: int, mean, std, pad_to_square: bool, fps: float) -> np.ndarray:
+    """An image file -> [1,3,S,S]; a video file or an animated image -> [T,3,S,S]."""
+    if is_video_file(path):
+        return load_video(path, size, mean, std, fps)[0]
+    with Image.open(path) as image:
+        return preprocess_image(image, size, pad_to_square, mean, std)[None]
 
 
 def load_media(media, image_size: int, mean, std, pad_to_square: bool, fps: float = 1.0) -> np.ndarray:

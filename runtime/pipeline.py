@@ -208,14 +208,44 @@ class Pipeline:
 
 class ChatSession:
     """Multi-turn chat about one image or video; each turn re-encodes the media with the newest question
-    as the Q-Former prompt (as the reference's Chat)."""
+    as the Q-Former prompt (as the reference's Chat). A video file too long for one prompt is decoded frame by
+    frame into a stream (Pipeline.stream: a sliding window of its frames, the last ones recomputed with each
+    question), and each question is answered on its own there."""
 
     def __init__(self, pipeline: Pipeline, media_=None):
-        self.p = pipeline
-        self.pixels = pipeline.load_media(media_) if media_ is not None else None
+        self.p, self.pixels, self.stream = pipeline, None, None
         self.messages: list[tuple[int, str | None]] = []
+        if isinstance(media_, (str, Path)) and media.is_video_file(media_):
+            self._open_video(media_)
+        elif media_ is not None:
+            self.pixels = pipeline.load_media(media_)
+
+    def _open_video(self, path):
+        """Frames as they are decoded (never held at source size); past what one prompt holds, into a stream."""
+        p, pre = self.p, self.p.manifest["preprocess"]
+        fits = (p.context - 256) // p.info["tokens_per_frame"]      # room for the text and the answer
+        frames, times = [], []
+        decoded = media.iter_video(path, pre["image_size"], pre["mean"], pre["std"], pre["video_fps"])
+        for px, t in decoded:
+            frames.append(px)
+            times.append(t)
+            if len(frames) > fits:
+                self.stream = p.stream(focus_frames=min(8, p.frame_chunk))
+                for f, ft in zip(frames, times):
+                    self.stream.push(f, ft)
+                frames = None
+                for px2, t2 in decoded:
+                    self.stream.push(px2, t2)
+                self.stream.flush()
+                return
+        if not frames:
+            raise media.VideoError(f"{path}: expected at least one decodable frame, found none")
+        self.pixels = np.stack(frames)
 
     def ask_stream(self, question: str, max_new_tokens=512, **sampling) -> Iterator[str]:
+        if self.stream is not None:
+            yield from self.stream.ask(question, max_new_tokens, **sampling)
+            return
         p = self.p
         first = not self.messages
         media_ = first and self.pixels is not None

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _llamavid, media, text
 
-INGEST = "what is happening in this video ?"   # the warm tier's fixed Q-Former prompt (docs/BENCHMARKS.md)
+INGEST = "describe the video ."   # the warm tier's fixed Q-Former prompt: the best generic one on val (docs/BENCHMARKS.md)
 QUESTION = "\x00question\x00"                   # where the question goes in the prompt text
 
 

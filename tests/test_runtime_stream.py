@@ -174,3 +174,19 @@ def test_stream_cli_answers_with_the_stream_time(pipe, tmp_path, monkeypatch, ca
     assert len(out) == 1 and re.match(r"\[t=\d+\.\d s, \d+ frames held\] ", out[0]), out
     assert stream_cli.main(["--artifacts", str(pipe.root), "--source", str(tmp_path / "none.mp4")]) == 2
     assert "--source" in capsys.readouterr().err
+
+
+def test_chat_on_a_video_longer_than_the_context_answers_through_a_stream(pipe, tmp_path, capsys):
+    """300 frames at 1 fps make 600 visual tokens, past the tiny model's 512 positions: runtime.chat --video
+    decodes them frame by frame into a stream and answers (it used to refuse: "prompt too long")."""
+    from runtime import chat as chat_cli
+    video = tmp_path / "long.mp4"
+    write_video(video, np.random.default_rng(2).integers(0, 256, (300, 28, 28, 3), dtype=np.uint8), fps=1)
+    c = pipe.chat(str(video))
+    assert c.stream is not None and c.pixels is None
+    info = c.stream.info()
+    assert info["frames_pushed"] == 300 and info["frames_evicted"] > 0 and info["last_time"] == 299
+    answer = c.ask(QUESTIONS[1], max_new_tokens=6)
+    assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(video), "--max-new-tokens", "6",
+                          QUESTIONS[1]]) == 0
+    assert capsys.readouterr().out.strip() == answer
