@@ -116,8 +116,7 @@ def test_pipeline_without_torch(tiny):
     np.save(art.parent / "video.npy", video)
     out = run_without_torch(f"""
 import numpy as np
-import runtime
-from runtime.pipeline import Pipeline
+from runtime import Pipeline
 p = Pipeline.open({str(art)!r})
 print(p.ask(np.load({str(art.parent / 'video.npy')!r}), {QUESTIONS[1]!r}, max_new_tokens=12))
 assert not any(m.split('.')[0] in ('torch', 'llamavid_ref', 'export') for m in sys.modules)
