@@ -30,8 +30,9 @@ HOST_LIBRARY = "libcontext_attention_host.so"
 CUDA_TEST_LIBRARY = "libcontext_attention_cuda_test.so"
 PLUGIN_CHECK_PROGRAM = "contextAttentionPluginCheck"
 
-PLUGIN_SOURCES = ("contextAttentionKernel.cu", "contextAttentionPlugin.cpp")
-CUDA_TEST_SOURCES = ("contextAttentionKernel.cu", "contextAttentionCudaTest.cu")
+KERNEL_SOURCES = ("contextAttentionKernel.cu", "contextAttentionTensorCore.cu")
+PLUGIN_SOURCES = (*KERNEL_SOURCES, "contextAttentionPlugin.cpp")
+CUDA_TEST_SOURCES = (*KERNEL_SOURCES, "contextAttentionCudaTest.cu")
 
 
 class BuildError(RuntimeError):
