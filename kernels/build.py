@@ -124,6 +124,7 @@ def nvcc_command(sources, output: Path, archs: list[int], system_includes: list[
         "-O3",
         "-shared",
         "-nodlink",  # no relocatable device code: skip nvlink's duplicate copy of every cubin
+        "--threads=0",  # the architectures compile in parallel
         "-Xcompiler=-fPIC,-fvisibility=hidden,-Wall",
         *gencode_flags(archs),
         f"-I{SRC}",

@@ -163,9 +163,9 @@ uint64_t ca_shared_bytes(int numQueries, int numPatches, int keepScores)
     return sharedBytes(numQueries, numPatches, keepScores != 0);
 }
 
-uint64_t ca_tensor_core_shared_bytes(int channels, int stages)
+uint64_t ca_tensor_core_shared_bytes(int stages)
 {
-    return tcSharedBytes(channels, stages);
+    return tcSharedBytes(stages);
 }
 
 } // extern "C"

@@ -205,7 +205,7 @@ Algorithm autoAlgorithm(
         return Algorithm::kCudaCores;
     else
     {
-        *stages = tensorCoreStages(channels, maxShared);
+        *stages = tensorCoreStages(maxShared);
         bool const fits = numQueries <= kTcMaxQueries && channels <= kTcMaxChannels && channels % 8 == 0
             && aligned16(queries) && aligned16(patches) && *stages >= 1;
         return fits && tensorCoreKernelArch<T>() >= 80 ? Algorithm::kTensorCores : Algorithm::kCudaCores;

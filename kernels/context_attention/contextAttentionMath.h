@@ -7,7 +7,7 @@
 // Two algorithms compute it (README.md):
 //   CUDA cores    w[n] = (1/Q) sum_q a[q,n] from the row max / exp-sum, then ctx = sum_n w[n] p[n,:]
 //   tensor cores  one pass over kTcTileN-patch tiles with an online softmax per query (base 2):
-//                 t = log2(e) * s, running max m and sum l, e = 2^(t - m) rounded to the input type
+//                 t = log2(e) * s, running max m (raised lazily) and sum l, e = 2^(t - m) rounded to the input type
 //                 (the tensor cores multiply 16-bit operands), acc[q,:] = acc * 2^(m_old - m) + e p,
 //                 ctx = (1/Q) sum_q acc[q,:] / l[q]
 //
@@ -57,7 +57,8 @@ CA_HD size_t sharedBytes(int numQueries, int numPatches, bool keepScores)
 
 // Tiling of the tensor-core kernel (contextAttentionTensorCore.cu): one block of kTcWarps warps
 // per frame; warp g owns channels [g * slice, (g + 1) * slice) of the queries and patches, for
-// both the scores (partial dot products, summed across warps) and its part of the output.
+// both the scores (partial dot products, summed across warps) and its part of the output, and
+// query rows [4g, 4g + 4) of the online softmax.
 constexpr int kTcWarps = 8;
 constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kTcMaxQueries = 32;                       // two 16-row mma tiles
@@ -73,16 +74,24 @@ CA_HD int tcSlice(int channels)
     return (perWarp + 15) / 16 * 16;
 }
 
-// Dynamic shared memory (bytes) of one tensor-core block: the queries [32][kTcWarps * slice],
-// `stages` patch tiles [kTcWarps][kTcTileN][slice] (rows padded by 16 bytes: conflict-free
-// ldmatrix), the warps' partial score tiles and the summed tile (fp32).
-CA_HD size_t tcSharedBytes(int channels, int stages)
+// Shared-memory layout of a tensor-core block, the same for every C (the loops always cover
+// kTcMaxSlice channels per warp; what a smaller C leaves is zeros): the queries
+// [32][kTcWarps * kTcMaxSlice], `stages` patch tiles [kTcWarps][kTcTileN][kTcMaxSlice] (rows
+// padded by 16 bytes: conflict-free ldmatrix), the warps' partial score tiles (fp32), the tile of
+// softmax numerators [32][kTcTileN] (T, rows padded), and per row alpha, then 1 / l (fp32).
+constexpr int kTcQueryPitch = kTcWarps * kTcMaxSlice * 2 + 16; // bytes per query row
+constexpr int kTcSlabPitch = kTcMaxSlice * 2 + 16;             // bytes per patch row of a warp's slab
+constexpr int kTcSlabBytes = kTcTileN * kTcSlabPitch;
+constexpr int kTcStageBytes = kTcWarps * kTcSlabBytes;
+
+constexpr int kTcNumeratorPitch = (kTcTileN + 8) * 2;          // bytes per row of the numerator tile
+
+CA_HD size_t tcSharedBytes(int stages)
 {
-    size_t const slice = size_t(tcSlice(channels));
-    size_t const queries = size_t(kTcMaxQueries) * (kTcWarps * slice * 2 + 16);
-    size_t const tiles = size_t(stages) * kTcWarps * kTcTileN * (slice * 2 + 16);
-    size_t const scores = size_t(kTcWarps + 1) * kTcMaxQueries * kTcTileN * sizeof(float);
-    return queries + tiles + scores;
+    size_t const partial = size_t(kTcWarps) * kTcMaxQueries * kTcTileN * sizeof(float);
+    size_t const numerators = size_t(kTcMaxQueries) * kTcNumeratorPitch;
+    size_t const rows = 2 * kTcMaxQueries * sizeof(float); // alpha per row, then 1 / l per row
+    return size_t(kTcMaxQueries) * kTcQueryPitch + size_t(stages) * kTcStageBytes + partial + numerators + rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,14 +303,23 @@ CA_HD float weightedSumRange(float acc, float const* w, T const* p, int begin, i
 // ---------------------------------------------------------------------------------------------
 // Online softmax of the tensor-core algorithm (scores t in base 2: t = log2(e) * scale * dot)
 // ---------------------------------------------------------------------------------------------
-// Raises the running max m of a row to cover a tile whose largest score is tileMax; returns
-// alpha = 2^(m_old - m_new), the factor that rescales the row's running sum and accumulators
-// (0 on the first tile, where m_old = -inf). A tile always holds at least one real patch.
+// The running max m of a row moves only when a tile's largest score exceeds it by more than
+// kTcMaxGap (base 2), so most tiles need no rescale of the accumulators; until then the
+// numerators 2^(t - m) stay within [0, 2^kTcMaxGap] (fp16 and bf16 hold them, the relative
+// rounding is the same). The result is the same softmax: m is any reference the numerators
+// and the sum share.
+constexpr float kTcMaxGap = 8.f;
+
+// Raises the running max m to cover a tile whose largest score is tileMax (lazily, above);
+// returns alpha = 2^(m_old - m_new), the factor that rescales the row's running sum and
+// accumulators: 1 when m stays, 0 on the first tile (m_old = -inf). A tile always holds at least
+// one real patch.
 CA_HD float raiseRunningMax(float& m, float tileMax)
 {
-    float const mNew = fmaxf(m, tileMax);
-    float const alpha = exp2f(m - mNew);
-    m = mNew;
+    if (!(tileMax > m + kTcMaxGap))
+        return 1.f;
+    float const alpha = exp2f(m - tileMax);
+    m = tileMax;
     return alpha;
 }
 

@@ -7,13 +7,12 @@
 //     cp.async  patches[n0:n0+16, slice] -> the warp's slab, kStages tiles deep; the tile
 //               kPrefetchTiles ahead (the next frame's first ones too) is pulled into L2
 //     scores    S_g [32 x 16] = Q[:, slice] . P[n0:n0+16, slice]^T     mma.m16n8k16, fp32
-//     sum       S = sum_g S_g through shared memory: warp g adds registers 2g, 2g+1 of every
-//               warp's fragment, then every warp reads the whole sum (two block barriers)
-//     softmax   t = log2(e) scale S, masked past N; per query row the running max m and sum l,
-//               alpha = 2^(m_old - m), e = 2^(t - m) rounded to T (every warp computes the same
-//               values redundantly: no exchange); e is already the A fragment of the next mma
+//     softmax   through shared memory (two block barriers): warp g sums the 8 warps' S_g for
+//               query rows 4g..4g+3 in warp order, t = log2(e) scale S masked past N; per row
+//               the running max m (raised lazily, kTcMaxGap) and sum l, alpha = 2^(m_old - m),
+//               numerators e = 2^(t - m) rounded to T -> a [32 x 16] tile, alpha -> per row
 //     acc       acc[32 x slice] = alpha acc + e . P[n0:n0+16, slice]    mma.m16n8k16, fp32
-//               (the rescale is skipped when no row's max moved)
+//               (e read back as A fragments; the rescale is skipped when no row's max moved)
 //   end of frame: context[slice] = (1/Q) sum_q acc[q, :] / l[q]   (shuffles over the rows)
 //
 // Per-element arithmetic (online softmax, rounding, conversions) is contextAttentionMath.h,
@@ -117,22 +116,10 @@ struct Mma<__nv_bfloat16>
     }
 };
 
-__device__ __forceinline__ float quadMax(float v)
+// Pulls [p, p + bytes) into L2, 128-byte lines spread over the block (bytes < 2^31).
+__device__ __forceinline__ void prefetchRange(void const* p, int bytes)
 {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quadSum(float v)
-{
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
-// Pulls [p, p + bytes) into L2, 128-byte lines spread over the block.
-__device__ __forceinline__ void prefetchRange(void const* p, size_t bytes)
-{
-    for (size_t i = size_t(threadIdx.x) * 128; i < bytes; i += size_t(kTcThreads) * 128)
+    for (int i = threadIdx.x * 128; i < bytes; i += kTcThreads * 128)
         prefetchL2(static_cast<char const*>(p) + i);
 }
 #endif
@@ -148,34 +135,43 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 #if defined(LLAMAVID_CA_MMA)
     constexpr int kAccTiles = kTcMaxSlice / 8; // 22 accumulator tiles of 8 channels per 16 query rows
     constexpr int kSteps = kTcMaxSlice / 16;   // 11 k-steps of 16 channels
+    constexpr int kRowChunks = kTcMaxSlice / 8; // 16-byte chunks per slab row
     constexpr int kPrefetchTiles = 4;          // tiles ahead of the one computed, pulled into L2
     static_assert(2 * kTcWarps == 16, "each warp sums 2 of the 16 score registers");
     extern __shared__ __align__(16) unsigned char smem[];
     int const warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int const qPitch = kTcWarps * slice * 2 + 16; // bytes per query row
-    int const pPitch = slice * 2 + 16;            // bytes per patch row of a warp's slab
-    int const slabBytes = kTcTileN * pPitch;
-    int const stageBytes = kTcWarps * slabBytes;
-    unsigned char* const slabs = smem + kTcMaxQueries * qPitch;                      // [kStages][warp][16][pPitch]
-    float* const partial = reinterpret_cast<float*>(slabs + kStages * stageBytes); // [warp][16 registers][32 lanes]
-    float* const summed = partial + kTcWarps * 16 * 32;                            // [16 registers][32 lanes]
-    uint32_t const qBase = sharedAddress(smem) + warp * slice * 2;                 // this warp's query columns
-    uint32_t const pBase = sharedAddress(slabs) + warp * slabBytes;               // stage s: + s * stageBytes
+    unsigned char* const slabs = smem + kTcMaxQueries * kTcQueryPitch;              // [kStages][warp][16][pitch]
+    float* const partial = reinterpret_cast<float*>(slabs + kStages * kTcStageBytes); // [warp][16 registers][32 lanes]
+    unsigned char* const numerators = reinterpret_cast<unsigned char*>(partial + kTcWarps * 16 * 32); // [32][pitch] T
+    float* const rowAlpha = reinterpret_cast<float*>(numerators + kTcMaxQueries * kTcNumeratorPitch); // [32]
+    float* const rowInvSum = rowAlpha + kTcMaxQueries;                                                 // [32]
+    uint32_t const qBase = sharedAddress(smem) + warp * kTcMaxSlice * 2;             // this warp's query columns
+    uint32_t const pBase = sharedAddress(slabs) + warp * kTcSlabBytes;               // stage s: + s * kTcStageBytes
+    uint32_t const eBase = sharedAddress(numerators);
+
+    // The softmax row this lane works on (warp w owns rows 4w..4w+3, 8 lanes per row, 2 columns
+    // each), and where the score fragments hold it: register r0, r0 + 1 of lane `source`.
+    int const row = 4 * warp + lane / 8, pair = lane % 8;
+    int const r0 = 8 * (row / 16) + 4 * (pair / 4) + 2 * (row % 16 / 8), source = 4 * (row % 8) + pair % 4;
 
     int const c0 = warp * slice;                  // first channel of this warp
     int const width = max(0, min(slice, C - c0)); // its channels, a multiple of 8 (0: an idle warp)
-    int const chunks = width / 8;                 // 16-byte chunks per row
-    int const steps = (width + 15) / 16;          // k-steps
-    int const mTiles = (Q + 15) / 16;
+    int const chunks = width / 8;                 // 16-byte chunks per row it copies
     int const numTiles = (N + kTcTileN - 1) / kTcTileN;
     float const invQ = 1.f / float(Q);
 
-    // A slab row's chunk `chunks` (when steps * 16 > width) is read but never copied: zero it once.
-    if (chunks % 2 == 1)
-        for (int r = lane; r < kStages * kTcTileN; r += 32)
-            *reinterpret_cast<uint4*>(slabs + (r / kTcTileN) * stageBytes + warp * slabBytes + (r % kTcTileN) * pPitch
-                + chunks * 16)
+    // Every warp runs all kSteps k-steps over both 16-row tiles, so the mma loops have no run-time
+    // bounds (the compiler loads fragments ahead). What lies past this warp's channels or past Q
+    // holds zeros and adds exact zeros: slab chunks never copied into are zeroed here once; query
+    // rows and chunks past Q and C are zero-filled copies below.
+    for (int e = lane; e < kStages * kTcTileN * kRowChunks; e += 32)
+    {
+        int const row = e / kRowChunks, ch = e % kRowChunks;
+        if (ch >= chunks)
+            *reinterpret_cast<uint4*>(slabs + (row / kTcTileN) * kTcStageBytes + warp * kTcSlabBytes
+                + (row % kTcTileN) * kTcSlabPitch + ch * 16)
                 = make_uint4(0, 0, 0, 0);
+    }
 
     for (int f = blockIdx.x; f < frames; f += gridDim.x)
     {
@@ -183,20 +179,21 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
         T const* pf = patches + size_t(f) * N * C; // [N, C]
         auto loadTile = [&](int tile, int stage) {  // patches[16 tile : +16, this warp's channels]
             if (lane < chunks)
-                for (int r = 0; r < kTcTileN; ++r)
-                {
-                    int const n = tile * kTcTileN + r;
-                    copy16(pBase + stage * stageBytes + r * pPitch + lane * 16,
-                        pf + size_t(n < N ? n : 0) * C + c0 + lane * 8, n < N);
-                }
+            {
+                T const* src = pf + size_t(tile) * kTcTileN * C + c0 + lane * 8;
+                uint32_t const dst = pBase + stage * kTcStageBytes + lane * 16;
+                int const rows = min(kTcTileN, N - tile * kTcTileN);
+#pragma unroll
+                for (int r = 0; r < kTcTileN; ++r, src += C)
+                    copy16(dst + r * kTcSlabPitch, r < rows ? src : pf, r < rows);
+            }
         };
         // queries[:, this warp's channels], zero past Q and C; they join the first copy group
-        int const rowChunks = slice / 8;
-        for (int e = lane; e < kTcMaxQueries * rowChunks; e += 32)
+        for (int e = lane; e < kTcMaxQueries * kRowChunks; e += 32)
         {
-            int const r = e / rowChunks, ch = e % rowChunks;
+            int const r = e / kRowChunks, ch = e % kRowChunks;
             bool const valid = r < Q && ch < chunks;
-            copy16(qBase + r * qPitch + ch * 16, valid ? qf + size_t(r) * C + c0 + ch * 8 : qf, valid);
+            copy16(qBase + r * kTcQueryPitch + ch * 16, valid ? qf + size_t(r) * C + c0 + ch * 8 : qf, valid);
         }
         for (int s = 0; s < kStages - 1; ++s)
         {
@@ -205,7 +202,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
             commitCopies();
         }
         if (f + int(gridDim.x) < frames)
-            prefetchRange(queries + size_t(f + gridDim.x) * Q * C, size_t(Q) * C * sizeof(T));
+            prefetchRange(queries + size_t(f + gridDim.x) * Q * C, Q * C * int(sizeof(T)));
 
         float acc[2][kAccTiles][4];
 #pragma unroll
@@ -215,8 +212,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 #pragma unroll
                 for (int k = 0; k < 4; ++k)
                     acc[i][j][k] = 0.f;
-        float rowMax[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
-        float rowSum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+        float rowMax = -INFINITY, rowSum = 0.f; // of `row`, the same in its 8 lanes
 
         for (int it = 0; it < numTiles; ++it)
         {
@@ -236,83 +232,72 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 }
                 if (g < frames && tile < numTiles)
                     prefetchRange(patches + (size_t(g) * N + size_t(tile) * kTcTileN) * C,
-                        size_t(min(kTcTileN, N - tile * kTcTileN)) * C * sizeof(T));
+                        min(kTcTileN, N - tile * kTcTileN) * C * int(sizeof(T)));
             }
-            uint32_t const slab = pBase + (it % kStages) * stageBytes;
+            uint32_t const slab = pBase + (it % kStages) * kTcStageBytes;
 
             // partial scores over this warp's channels
             float s[2][2][4] = {};
 #pragma unroll
             for (int k = 0; k < kSteps; ++k)
             {
-                if (k >= steps)
-                    break;
                 uint32_t b[4]; // patches 0-7 / 8-15 x channels 0-7, 8-15 of the step
-                ldmatrix4(b, slab + (lane % 8 + lane / 16 * 8) * pPitch + (k * 16 + lane / 8 % 2 * 8) * 2);
+                ldmatrix4(b, slab + (lane % 8 + lane / 16 * 8) * kTcSlabPitch + (k * 16 + lane / 8 % 2 * 8) * 2);
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
                 {
-                    if (i >= mTiles)
-                        break;
                     uint32_t a[4];
-                    ldmatrix4(a, qBase + (16 * i + lane % 8 + lane / 8 % 2 * 8) * qPitch + (k * 16 + lane / 16 * 8) * 2);
+                    ldmatrix4(a, qBase + (16 * i + lane % 8 + lane / 8 % 2 * 8) * kTcQueryPitch
+                            + (k * 16 + lane / 16 * 8) * 2);
                     Mma<T>::run(s[i][0], a, b[0], b[1]);
                     Mma<T>::run(s[i][1], a, b[2], b[3]);
                 }
             }
-
-            // the sum over the warps, in warp order (the same bits in every warp)
 #pragma unroll
             for (int r = 0; r < 16; ++r)
                 partial[(warp * 16 + r) * 32 + lane] = s[r / 8][r / 4 % 2][r % 4];
             __syncthreads();
-#pragma unroll
-            for (int r = 2 * warp; r < 2 * warp + 2; ++r)
+
+            // online softmax of this warp's 4 rows: the scores summed over the warps in warp order,
+            // the row's max and sum over its 8 lanes; numerators and alpha out to shared memory
             {
-                float sum = 0.f;
+                float t[2] = {0.f, 0.f};
 #pragma unroll
                 for (int g = 0; g < kTcWarps; ++g)
-                    sum += partial[(g * 16 + r) * 32 + lane];
-                summed[r * 32 + lane] = sum;
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        t[c] += partial[(g * 16 + r0 + c) * 32 + source];
+                int const n = it * kTcTileN + 2 * pair;
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    t[c] = n + c < N ? scale2 * t[c] : -INFINITY;
+                float tileMax = fmaxf(t[0], t[1]);
+#pragma unroll
+                for (int offset = 1; offset < 8; offset *= 2)
+                    tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, offset));
+                float const alpha = raiseRunningMax(rowMax, tileMax);
+                float const e0 = softmaxNumerator<T>(t[0], rowMax), e1 = softmaxNumerator<T>(t[1], rowMax);
+                float sum = e0 + e1;
+#pragma unroll
+                for (int offset = 1; offset < 8; offset *= 2)
+                    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+                rowSum = rowSum * alpha + sum;
+                *reinterpret_cast<uint32_t*>(numerators + row * kTcNumeratorPitch + 4 * pair) = Mma<T>::pack(e0, e1);
+                if (pair == 0)
+                    rowAlpha[row] = alpha;
             }
             __syncthreads();
 
-            // online softmax of rows 16i + lane/4 (+8); e: the A fragments of the weighted sum
+            // e: the numerators as A fragments; the accumulators rescaled where a row's max moved
             uint32_t e[2][4];
-            float alpha[2][2] = {{1.f, 1.f}, {1.f, 1.f}};
-            int const n0 = it * kTcTileN + 2 * (lane % 4);
+            float alpha[2][2];
 #pragma unroll
             for (int i = 0; i < 2; ++i)
             {
-                if (i >= mTiles)
-                    break;
-                float t[2][4];
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-#pragma unroll
-                    for (int k = 0; k < 4; ++k)
-                        t[j][k] = n0 + 8 * j + k % 2 < N ? scale2 * summed[(8 * i + 4 * j + k) * 32 + lane] : -INFINITY;
+                ldmatrix4(e[i], eBase + (16 * i + lane % 8 + lane / 8 % 2 * 8) * kTcNumeratorPitch + lane / 16 * 16);
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
-                {
-                    float const tileMax
-                        = quadMax(fmaxf(fmaxf(t[0][2 * h], t[0][2 * h + 1]), fmaxf(t[1][2 * h], t[1][2 * h + 1])));
-                    alpha[i][h] = raiseRunningMax(rowMax[i][h], tileMax);
-                    float sum = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 2; ++j)
-#pragma unroll
-                        for (int k = 2 * h; k < 2 * h + 2; ++k)
-                        {
-                            t[j][k] = softmaxNumerator<T>(t[j][k], rowMax[i][h]);
-                            sum += t[j][k];
-                        }
-                    rowSum[i][h] = rowSum[i][h] * alpha[i][h] + quadSum(sum);
-                }
-                e[i][0] = Mma<T>::pack(t[0][0], t[0][1]);
-                e[i][1] = Mma<T>::pack(t[0][2], t[0][3]);
-                e[i][2] = Mma<T>::pack(t[1][0], t[1][1]);
-                e[i][3] = Mma<T>::pack(t[1][2], t[1][3]);
+                    alpha[i][h] = rowAlpha[16 * i + 8 * h + lane / 4];
             }
             bool const moved = alpha[0][0] != 1.f || alpha[0][1] != 1.f || alpha[1][0] != 1.f || alpha[1][1] != 1.f;
             if (__any_sync(0xffffffffu, moved))
@@ -328,15 +313,11 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 #pragma unroll
             for (int k = 0; k < kSteps; ++k)
             {
-                if (k >= steps)
-                    break;
                 uint32_t b[4]; // channels 16k..16k+7 (b0, b1) and 16k+8.. (b2, b3) x patches 0-15
-                ldmatrix4Trans(b, slab + (lane % 8 + lane / 8 % 2 * 8) * pPitch + (k * 16 + lane / 16 * 8) * 2);
+                ldmatrix4Trans(b, slab + (lane % 8 + lane / 8 % 2 * 8) * kTcSlabPitch + (k * 16 + lane / 16 * 8) * 2);
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
                 {
-                    if (i >= mTiles)
-                        break;
                     Mma<T>::run(acc[i][2 * k], e[i], b[0], b[1]);
                     Mma<T>::run(acc[i][2 * k + 1], e[i], b[2], b[3]);
                 }
@@ -344,18 +325,19 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
         }
 
         // context[c] = (1/Q) sum_q acc[q][c] / l[q]: this thread's 4 rows, then the 8 row groups
+        if (pair == 0)
+            rowInvSum[row] = row < Q ? 1.f / rowSum : 0.f;
+        __syncthreads();
         float invSum[2][2];
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                invSum[i][h] = 16 * i + 8 * h + lane / 4 < Q ? 1.f / rowSum[i][h] : 0.f;
-        T* out = context + size_t(f) * C; // [1, C]
+                invSum[i][h] = rowInvSum[16 * i + 8 * h + lane / 4];
+        T* out = context + size_t(f) * C + c0; // this warp's channels of [1, C]
 #pragma unroll
         for (int j = 0; j < kAccTiles; ++j)
         {
-            if (j >= 2 * steps)
-                break;
             float v[2] = {0.f, 0.f};
 #pragma unroll
             for (int i = 0; i < 2; ++i)
@@ -368,8 +350,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
                 v[1] += __shfl_xor_sync(0xffffffffu, v[1], offset);
             }
-            int const c = c0 + 8 * j + 2 * lane;
-            if (lane < 4 && c < C)
+            int const c = 8 * j + 2 * lane; // within this warp's channels
+            if (lane < 4 && c < width)
             {
                 out[c] = fromFloat<T>(v[0] * invQ);
                 out[c + 1] = fromFloat<T>(v[1] * invQ);
@@ -385,7 +367,7 @@ cudaError_t launchWithStages(T const* queries, T const* patches, T* context, int
     int32_t numPatches, int32_t channels, float scale, int maxShared, cudaStream_t stream)
 {
     auto kernel = tensorCoreKernel<T, kStages>;
-    size_t const bytes = tcSharedBytes(channels, kStages);
+    size_t const bytes = tcSharedBytes(kStages);
     if (bytes > size_t(maxShared))
         return cudaErrorInvalidValue;
     int device = 0, processors = 0, perProcessor = 0;
@@ -406,10 +388,10 @@ cudaError_t launchWithStages(T const* queries, T const* patches, T* context, int
 
 } // namespace
 
-int tensorCoreStages(int32_t channels, int maxShared)
+int tensorCoreStages(int maxShared)
 {
     for (int stages = 2; stages >= 1; --stages)
-        if (tcSharedBytes(channels, stages) <= size_t(maxShared))
+        if (tcSharedBytes(stages) <= size_t(maxShared))
             return stages;
     return 0;
 }

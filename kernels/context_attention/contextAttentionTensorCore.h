@@ -13,9 +13,9 @@ namespace llamavid
 namespace ca
 {
 
-// The pipeline depth (patch tiles in shared memory) the tensor-core kernel would use for C
-// channels within maxShared bytes per block: 2, 1, or 0 when not even one tile fits.
-int tensorCoreStages(int32_t channels, int maxShared);
+// The pipeline depth (patch tiles in shared memory) the tensor-core kernel uses within maxShared
+// bytes per block: 2, 1, or 0 when not even one tile fits.
+int tensorCoreStages(int maxShared);
 
 // Compute capability the tensor-core kernel of T was compiled for on the current device (e.g. 90),
 // 0 when its image does not load there; the kernel body exists only for 80 and newer.
@@ -24,7 +24,7 @@ int tensorCoreKernelArch();
 
 // Enqueues the tensor-core kernel. The caller (launchContextAttention) has checked what
 // Algorithm::kAuto checks: Q <= 32, C <= kTcMaxChannels and C % 8 == 0, 16-byte aligned
-// buffers, stages = tensorCoreStages(C, maxShared) >= 1, tensorCoreKernelArch<T>() >= 80.
+// buffers, stages = tensorCoreStages(maxShared) >= 1, tensorCoreKernelArch<T>() >= 80.
 template <typename T>
 cudaError_t launchTensorCores(T const* queries, T const* patches, T* context, int64_t frames, int32_t numQueries,
     int32_t numPatches, int32_t channels, float scale, int stages, int maxShared, cudaStream_t stream);
