@@ -94,15 +94,22 @@ class Kernel:
         import ctypes
         lib = ctypes.CDLL(str(library))
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        lib.ca_cuda_launch.argtypes = [i32, ptr, ptr, ptr, ctypes.c_int64, i32, i32, i32, ctypes.c_float, i32, ptr]
+        lib.ca_cuda_launch.argtypes = [i32, ptr, ptr, ptr, ctypes.c_int64, i32, i32, i32, ctypes.c_float, i32, ptr, ptr]
         lib.ca_cuda_auto_algorithm.argtypes = [i32, ptr, ptr, i32, i32]
+        lib.ca_cuda_workspace_bytes.argtypes = [ctypes.c_int64, i32]
+        lib.ca_cuda_workspace_bytes.restype = ctypes.c_uint64
         self.lib = lib
+        self.workspace = None
 
     def launch(self, dtype: str, q, p, out, scale: float, algorithm: int) -> None:
+        """With the launcher's optional workspace (a TensorRT engine gives the plugin one too)."""
         import torch
         frames, nq, channels = q.shape
+        size = self.lib.ca_cuda_workspace_bytes(frames, channels)
+        if self.workspace is None or self.workspace.numel() < size:
+            self.workspace = torch.empty(size, dtype=torch.uint8, device="cuda")
         status = self.lib.ca_cuda_launch(DTYPE_CODES[dtype], q.data_ptr(), p.data_ptr(), out.data_ptr(), frames, nq,
-                                         p.shape[1], channels, scale, algorithm,
+                                         p.shape[1], channels, scale, algorithm, self.workspace.data_ptr(),
                                          torch.cuda.current_stream().cuda_stream)
         if status != 0:
             raise RuntimeError(f"launchContextAttention failed with cudaError {status} for q {list(q.shape)}, "

@@ -5,7 +5,8 @@ cudaErrorInsufficientDriver, no libcuda). On a GPU machine it builds
 libcontext_attention_cuda_test.so for the device's SM version and runs, with the error norm and
 bounds of the host-twin test (tests/test_context_attention_kernel.py):
   - the CUDA-core kernel, both paths (scores kept in shared memory, and streamed), fp32 / fp16 / bf16;
-  - the tensor-core kernel, fp16 / bf16, on shapes it takes (Q <= 32, C <= 1408, C % 8 == 0);
+  - the tensor-core kernel, fp16 / bf16, on shapes it takes (Q <= 32, C <= 1408, C % 8 == 0), with
+    the launcher's workspace (frames split over two blocks when 2F <= SMs) and without it;
   - which kernel Algorithm::kAuto picks, and what the launcher refuses: tensor cores forced where
     they do not apply, and bf16 from a build whose kernels are older than sm_80.
 The output buffer is poisoned (NaN) before every run, so an element the kernel fails to write fails.
@@ -44,13 +45,14 @@ class GpuRunner:
     def __init__(self, path):
         lib = ctypes.CDLL(str(path))
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.ca_cuda_context_attention.argtypes = [i32, ptr, ptr, ptr, i64, i32, i32, i32, ctypes.c_float, i32, i32]
-        lib.ca_cuda_launch.argtypes = [i32, ptr, ptr, ptr, i64, i32, i32, i32, ctypes.c_float, i32, ptr]
+        lib.ca_cuda_context_attention.argtypes = [i32, ptr, ptr, ptr, i64, i32, i32, i32, ctypes.c_float, i32, i32, i32]
+        lib.ca_cuda_launch.argtypes = [i32, ptr, ptr, ptr, i64, i32, i32, i32, ctypes.c_float, i32, ptr, ptr]
         lib.ca_cuda_bf16_support.argtypes = [ctypes.POINTER(i32)] * 3
         self.lib = lib
 
-    def status(self, queries, patches, scale, streaming=False, algorithm=AUTO, bf16=False):
-        """(cudaError_t value, context [F,1,C]); bf16: float32 arrays of bfloat16 values."""
+    def status(self, queries, patches, scale, streaming=False, algorithm=AUTO, bf16=False, workspace=True):
+        """(cudaError_t value, context [F,1,C]); bf16: float32 arrays of bfloat16 values; workspace:
+        give the launcher its optional workspace."""
         queries, patches = np.ascontiguousarray(queries), np.ascontiguousarray(patches)
         frames, nq, channels = queries.shape
         dtype = "bf16" if bf16 else ("fp16" if queries.dtype == np.float16 else "fp32")
@@ -59,7 +61,7 @@ class GpuRunner:
         out = np.empty((frames, 1, channels), queries.dtype)
         status = self.lib.ca_cuda_context_attention(DTYPES[dtype], queries.ctypes.data, patches.ctypes.data,
                                                     out.ctypes.data, frames, nq, patches.shape[1], channels, scale,
-                                                    int(streaming), algorithm)
+                                                    int(streaming), algorithm, int(workspace))
         return status, ((out.astype(np.uint32) << 16).view(np.float32) if bf16 else out)
 
     def run(self, queries, patches, scale, **kwargs):
@@ -95,14 +97,28 @@ def test_gpu_cuda_cores_match_reference(gpu, shape, dtype, streaming):
     assert error <= tolerance(dtype, CUDA_CORES, shape[2]), f"{dtype} error {error:.2e}"
 
 
+@pytest.mark.parametrize("workspace", [True, False], ids=["workspace", "no_workspace"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("shape", TENSOR_CORE_SHAPES, ids=shape_id)
-def test_gpu_tensor_cores_match_reference(gpu, shape, dtype):
+def test_gpu_tensor_cores_match_reference(gpu, shape, dtype, workspace):
+    """With the workspace, frames of more than 16 queries split over two blocks up to F = SMs / 2."""
     queries, patches = inputs(shape, dtype, 23)
     scale = 1.0 / np.sqrt(shape[3])
-    out = gpu.run(queries, patches, scale, algorithm=TENSOR_CORES, bf16=dtype == "bf16")
+    out = gpu.run(queries, patches, scale, algorithm=TENSOR_CORES, bf16=dtype == "bf16", workspace=workspace)
     error = frame_error(out, reference(queries, patches, scale), patches)
     assert error <= tolerance(dtype, TENSOR_CORES, shape[2]), f"{dtype} error {error:.2e}"
+
+
+def test_gpu_split_and_whole_frames_agree_and_large_counts_do_not_split(gpu):
+    """The two-block split (64 frames) against one block per frame: the same values up to the
+    fp32 order of the query sum: one fp16 rounding step at most; 200 frames (more than half the
+    SMs of any GPU here) take one block per frame with or without the workspace: bit for bit."""
+    queries, patches = inputs((64, 32, 256, 1408), "fp16", 31)
+    split, whole = (gpu.run(queries, patches, 0.03, algorithm=TENSOR_CORES, workspace=w) for w in (True, False))
+    assert frame_error(split, whole.astype(np.float64), patches) <= 2.0**-10  # one fp16 ulp at most
+    queries, patches = inputs((200, 32, 64, 64), "fp16", 32)
+    split, whole = (gpu.run(queries, patches, 0.1, algorithm=TENSOR_CORES, workspace=w) for w in (True, False))
+    assert np.array_equal(split.view(np.uint16), whole.view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -159,7 +175,7 @@ def test_gpu_tensor_cores_refuse_shapes_they_do_not_take(gpu, dtype, shape):
 def test_gpu_zero_frames_is_a_no_op(gpu):
     for dtype in DTYPES.values():
         for algorithm in (AUTO, CUDA_CORES, TENSOR_CORES):
-            assert gpu.lib.ca_cuda_launch(dtype, None, None, None, 0, 32, 576, 1408, 0.1, algorithm, None) == 0
+            assert gpu.lib.ca_cuda_launch(dtype, None, None, None, 0, 32, 576, 1408, 0.1, algorithm, None, None) == 0
 
 
 def test_gpu_bf16_supported_by_this_build(gpu):

@@ -4,7 +4,9 @@
 //
 // dtype 0: float32, 1: float16, 2: bfloat16 (16-bit buffers as their bit patterns).
 // storage 0: auto, 1: force the streaming path (CUDA cores). algorithm: the Algorithm values
-// (0 auto, 1 CUDA cores, 2 tensor cores). Functions return the cudaError_t value (0 on success).
+// (0 auto, 1 CUDA cores, 2 tensor cores). workspace: the launcher's optional workspace (device
+// memory, contextAttentionWorkspaceBytes(frames, C)), or null. Functions return the cudaError_t
+// value (0 on success).
 #include "contextAttentionKernel.h"
 
 #include <cstddef>
@@ -18,23 +20,33 @@ namespace
 using llamavid::ca::Algorithm;
 using llamavid::ca::ScoreStorage;
 
-template <typename T>
-cudaError_t launch(void const* queries, void const* patches, void* context, int64_t frames, int Q, int N, int C,
-    float scale, int storage, int algorithm, cudaStream_t stream)
+struct Launch
 {
+    int64_t frames;
+    int Q, N, C;
+    float scale;
+    int storage, algorithm;
+    void* workspace;
+    cudaStream_t stream;
+};
+
+template <typename T>
+cudaError_t launch(void const* queries, void const* patches, void* context, Launch const& a)
+{
+    size_t const workspaceBytes = a.workspace ? llamavid::ca::contextAttentionWorkspaceBytes(a.frames, a.C) : 0;
     return llamavid::ca::launchContextAttention<T>(static_cast<T const*>(queries), static_cast<T const*>(patches),
-        static_cast<T*>(context), frames, Q, N, C, scale, stream,
-        storage ? ScoreStorage::kStreaming : ScoreStorage::kAuto, static_cast<Algorithm>(algorithm));
+        static_cast<T*>(context), a.frames, a.Q, a.N, a.C, a.scale, a.stream,
+        a.storage ? ScoreStorage::kStreaming : ScoreStorage::kAuto, static_cast<Algorithm>(a.algorithm), a.workspace,
+        workspaceBytes);
 }
 
-cudaError_t launchAny(int dtype, void const* queries, void const* patches, void* context, int64_t frames, int Q, int N,
-    int C, float scale, int storage, int algorithm, cudaStream_t stream)
+cudaError_t launchAny(int dtype, void const* queries, void const* patches, void* context, Launch const& a)
 {
     switch (dtype)
     {
-    case 0: return launch<float>(queries, patches, context, frames, Q, N, C, scale, storage, algorithm, stream);
-    case 1: return launch<__half>(queries, patches, context, frames, Q, N, C, scale, storage, algorithm, stream);
-    case 2: return launch<__nv_bfloat16>(queries, patches, context, frames, Q, N, C, scale, storage, algorithm, stream);
+    case 0: return launch<float>(queries, patches, context, a);
+    case 1: return launch<__half>(queries, patches, context, a);
+    case 2: return launch<__nv_bfloat16>(queries, patches, context, a);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -42,8 +54,9 @@ cudaError_t launchAny(int dtype, void const* queries, void const* patches, void*
 } // namespace
 
 // Host arrays: copies them to the current GPU, runs, synchronizes, copies the context back.
+// useWorkspace: give the launcher its optional workspace.
 CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void const* hostPatches,
-    void* hostContext, int64_t frames, int Q, int N, int C, float scale, int storage, int algorithm)
+    void* hostContext, int64_t frames, int Q, int N, int C, float scale, int storage, int algorithm, int useWorkspace)
 {
     if (frames < 1 || Q < 1 || N < 1 || C < 1 || dtype < 0 || dtype > 2)
         return int(cudaErrorInvalidValue);
@@ -54,7 +67,10 @@ CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void
     void* queries = nullptr;
     void* patches = nullptr;
     void* context = nullptr;
+    void* workspace = nullptr;
     cudaError_t status = cudaMalloc(&queries, qBytes);
+    if (status == cudaSuccess && useWorkspace)
+        status = cudaMalloc(&workspace, llamavid::ca::contextAttentionWorkspaceBytes(frames, C));
     if (status == cudaSuccess)
         status = cudaMalloc(&patches, pBytes);
     if (status == cudaSuccess)
@@ -66,7 +82,7 @@ CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void
     if (status == cudaSuccess)
         status = cudaMemcpy(patches, hostPatches, pBytes, cudaMemcpyHostToDevice);
     if (status == cudaSuccess)
-        status = launchAny(dtype, queries, patches, context, frames, Q, N, C, scale, storage, algorithm, nullptr);
+        status = launchAny(dtype, queries, patches, context, {frames, Q, N, C, scale, storage, algorithm, workspace, nullptr});
     if (status == cudaSuccess)
         status = cudaDeviceSynchronize();
     if (status == cudaSuccess)
@@ -74,15 +90,21 @@ CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void
     cudaFree(queries);
     cudaFree(patches);
     cudaFree(context);
+    cudaFree(workspace);
     return int(status);
 }
 
 // Device pointers, enqueued on `stream` (no synchronization): the bench times this.
 CA_EXPORT int ca_cuda_launch(int dtype, void const* queries, void const* patches, void* context, int64_t frames, int Q,
-    int N, int C, float scale, int algorithm, void* stream)
+    int N, int C, float scale, int algorithm, void* workspace, void* stream)
 {
-    return int(launchAny(dtype, queries, patches, context, frames, Q, N, C, scale, 0, algorithm,
-        static_cast<cudaStream_t>(stream)));
+    return int(launchAny(
+        dtype, queries, patches, context, {frames, Q, N, C, scale, 0, algorithm, workspace, static_cast<cudaStream_t>(stream)}));
+}
+
+CA_EXPORT uint64_t ca_cuda_workspace_bytes(int64_t frames, int C)
+{
+    return llamavid::ca::contextAttentionWorkspaceBytes(frames, C);
 }
 
 // The Algorithm that auto picks for device buffers of these sizes (1 CUDA cores, 2 tensor cores).

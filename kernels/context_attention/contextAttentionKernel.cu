@@ -279,10 +279,15 @@ Algorithm chooseAlgorithm(T const* queries, T const* patches, T* /*context*/, in
     return autoAlgorithm(queries, patches, numQueries, channels, maxShared, &stages);
 }
 
+size_t contextAttentionWorkspaceBytes(int64_t frames, int32_t channels)
+{
+    return tensorCoreWorkspaceBytes(frames, channels);
+}
+
 template <typename T>
 cudaError_t launchContextAttention(T const* queries, T const* patches, T* context, int64_t frames,
     int32_t numQueries, int32_t numPatches, int32_t channels, float scale, cudaStream_t stream, ScoreStorage storage,
-    Algorithm algorithm)
+    Algorithm algorithm, void* workspace, size_t workspaceBytes)
 {
     if (frames == 0)
         return cudaSuccess;
@@ -313,14 +318,14 @@ cudaError_t launchContextAttention(T const* queries, T const* patches, T* contex
         return launchCudaCores(
             queries, patches, context, frames, numQueries, numPatches, channels, scale, maxShared, stream, storage);
     if constexpr (kSixteenBit<T>)
-        return launchTensorCores(
-            queries, patches, context, frames, numQueries, numPatches, channels, scale, stages, maxShared, stream);
+        return launchTensorCores(queries, patches, context, frames, numQueries, numPatches, channels, scale, stages,
+            workspace, workspaceBytes, stream);
     return cudaErrorNotSupported; // not reached: fp32 always takes the CUDA cores
 }
 
 #define LLAMAVID_CA_INSTANTIATE(T)                                                                                   \
-    template cudaError_t launchContextAttention<T>(                                                                  \
-        T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, float, cudaStream_t, ScoreStorage, Algorithm);   \
+    template cudaError_t launchContextAttention<T>(T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, float, \
+        cudaStream_t, ScoreStorage, Algorithm, void*, size_t);                                                        \
     template Algorithm chooseAlgorithm<T>(T const*, T const*, T*, int32_t, int32_t);
 LLAMAVID_CA_INSTANTIATE(float)
 LLAMAVID_CA_INSTANTIATE(__half)

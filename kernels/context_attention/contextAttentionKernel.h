@@ -6,6 +6,7 @@
 // T is float, __half or __nv_bfloat16 for all three tensors; accumulation is fp32. See README.md.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -40,10 +41,17 @@ enum class ScoreStorage : int32_t
 // tensors. Returns cudaErrorInvalidValue for sizes < 1 (frames == 0 is a no-op) or when even
 // the streaming path exceeds the device's shared memory, cudaErrorNoKernelImageForDevice for
 // bfloat16 without an sm_80+ kernel image for the device (bf16Support), else the launch status.
+// workspace (optional, device memory of workspaceBytes >= contextAttentionWorkspaceBytes) lets
+// the tensor-core kernel give a frame two blocks when there are fewer than half as many frames as
+// SMs; without it each frame gets one block (same result up to fp32 rounding).
 template <typename T>
 cudaError_t launchContextAttention(T const* queries, T const* patches, T* context, int64_t frames,
     int32_t numQueries, int32_t numPatches, int32_t channels, float scale, cudaStream_t stream,
-    ScoreStorage storage = ScoreStorage::kAuto, Algorithm algorithm = Algorithm::kAuto);
+    ScoreStorage storage = ScoreStorage::kAuto, Algorithm algorithm = Algorithm::kAuto, void* workspace = nullptr,
+    size_t workspaceBytes = 0);
+
+// The workspace launchContextAttention can use for `frames` frames of `channels` channels.
+size_t contextAttentionWorkspaceBytes(int64_t frames, int32_t channels);
 
 // Whether this build runs bfloat16 on the current device: its bf16 kernels exist only for sm_80
 // and newer (the tensor cores' bf16 mma, and bf16 arithmetic). kernelArch: the compute
@@ -56,8 +64,8 @@ template <typename T>
 Algorithm chooseAlgorithm(T const* queries, T const* patches, T* context, int32_t numQueries, int32_t channels);
 
 #define LLAMAVID_CA_DECLARE(T)                                                                                       \
-    extern template cudaError_t launchContextAttention<T>(                                                           \
-        T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, float, cudaStream_t, ScoreStorage, Algorithm);   \
+    extern template cudaError_t launchContextAttention<T>(T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, \
+        float, cudaStream_t, ScoreStorage, Algorithm, void*, size_t);                                                 \
     extern template Algorithm chooseAlgorithm<T>(T const*, T const*, T*, int32_t, int32_t);
 LLAMAVID_CA_DECLARE(float)
 LLAMAVID_CA_DECLARE(__half)

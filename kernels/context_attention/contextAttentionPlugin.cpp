@@ -329,6 +329,17 @@ int32_t ContextAttentionPlugin::getNbOutputs() const noexcept
     return 1;
 }
 
+// The launcher's optional workspace for the profile's largest frame count (it lets few frames
+// use two blocks each); 0 where the dimensions are not known.
+size_t ContextAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    if (nbInputs < 1 || inputs[0].max.nbDims != 3 || inputs[0].max.d[0] < 0 || inputs[0].max.d[2] < 1
+        || inputs[0].max.d[2] > INT32_MAX)
+        return 0;
+    return ca::contextAttentionWorkspaceBytes(inputs[0].max.d[0], int32_t(inputs[0].max.d[2]));
+}
+
 int32_t ContextAttentionPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
@@ -345,7 +356,7 @@ int32_t ContextAttentionPlugin::onShapeChange(
 }
 
 int32_t ContextAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     try
     {
@@ -354,19 +365,23 @@ int32_t ContextAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugi
         Dims const& p = inputDesc[1].dims; // [F, N, C]
         int64_t const frames = q.d[0];
         auto const numQueries = int32_t(q.d[1]), numPatches = int32_t(p.d[1]), channels = int32_t(q.d[2]);
+        // TensorRT gives getWorkspaceSize bytes for the profile's max frames, >= what these frames use
+        size_t const workspaceBytes = workspace ? ca::contextAttentionWorkspaceBytes(frames, channels) : 0;
+        auto const automatic = ca::Algorithm::kAuto;
+        auto const storage = ca::ScoreStorage::kAuto;
         cudaError_t status = cudaSuccess;
         if (inputDesc[0].type == DataType::kFLOAT)
             status = ca::launchContextAttention(static_cast<float const*>(inputs[0]),
                 static_cast<float const*>(inputs[1]), static_cast<float*>(outputs[0]), frames, numQueries, numPatches,
-                channels, mScale, stream);
+                channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
         else if (inputDesc[0].type == DataType::kHALF)
             status = ca::launchContextAttention(static_cast<__half const*>(inputs[0]),
                 static_cast<__half const*>(inputs[1]), static_cast<__half*>(outputs[0]), frames, numQueries,
-                numPatches, channels, mScale, stream);
+                numPatches, channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
         else
             status = ca::launchContextAttention(static_cast<__nv_bfloat16 const*>(inputs[0]),
                 static_cast<__nv_bfloat16 const*>(inputs[1]), static_cast<__nv_bfloat16*>(outputs[0]), frames,
-                numQueries, numPatches, channels, mScale, stream);
+                numQueries, numPatches, channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
         if (status == cudaErrorNoKernelImageForDevice && inputDesc[0].type == DataType::kBF16)
             throw UserError(bf16Unsupported());
         if (status != cudaSuccess)

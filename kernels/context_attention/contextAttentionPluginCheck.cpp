@@ -233,6 +233,12 @@ void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger, bool bf16)
         return build->configurePlugin(in, 2, outDesc, 1);
     };
     check(configure(q, p) == 0, "configurePlugin accepts [-1,32,1408] x [-1,576,1408]");
+    {
+        DynamicPluginTensorDesc in[2] = {dynamic(tensor(dims3(64, 32, 1408))), dynamic(tensor(dims3(64, 576, 1408)))};
+        DynamicPluginTensorDesc outDesc[1] = {dynamic(tensor(dims3(64, 1, 1408)))};
+        check(build->getWorkspaceSize(in, 2, outDesc, 1) == size_t(64) * 2 * 1408 * sizeof(float),
+            "workspace: 2 fp32 partial contexts per frame of the profile's max");
+    }
     Dims rank2{};
     rank2.nbDims = 2;
     rank2.d[0] = 32;

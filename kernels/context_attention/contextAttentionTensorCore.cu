@@ -4,8 +4,9 @@
 //   warp g owns channels [g*slice, (g+1)*slice) (slice = 176 at C = 1408) of queries, patches, output
 //   per frame:   queries[:, slice] -> shared memory (cp.async)
 //   per tile of kTcTileN = 16 patches:
-//     cp.async  patches[n0:n0+16, slice] -> the warp's slab, kStages tiles deep; the tile
-//               kPrefetchTiles ahead (the next frame's first ones too) is pulled into L2
+//     cp.async  patches[n0:n0+16, slice] -> the warp's slab, kStages tiles deep (the next
+//               frame's queries are pulled into L2 ahead; an L2 prefetch of the tiles ahead
+//               measured 7-9% slower on an H200: the L2 is the busier side, docs/BENCHMARKS.md)
 //     scores    S_g [32 x 16] = Q[:, slice] . P[n0:n0+16, slice]^T     mma.m16n8k16, fp32
 //     softmax   through shared memory (two block barriers): warp g sums the 8 warps' S_g for
 //               query rows 4g..4g+3 in warp order, t = log2(e) scale S masked past N; per row
@@ -14,6 +15,8 @@
 //     acc       acc[32 x slice] = alpha acc + e . P[n0:n0+16, slice]    mma.m16n8k16, fp32
 //               (e read back as A fragments; the rescale is skipped when no row's max moved)
 //   end of frame: context[slice] = (1/Q) sum_q acc[q, :] / l[q]   (shuffles over the rows)
+//   few frames (2F <= SMs): two blocks per frame, 16 queries each, their fp32 sums added by
+//   combineGroups (needs the launcher's workspace, F x 2 x C floats)
 //
 // Per-element arithmetic (online softmax, rounding, conversions) is contextAttentionMath.h,
 // shared with the host twin (contextAttentionHost.cpp, algorithm "tensor cores").
@@ -128,15 +131,20 @@ __device__ __forceinline__ void prefetchRange(void const* p, int bytes)
 // Fragment layout of m16n8k16 (g = lane / 4, t = lane % 4): accumulator / score register k of
 // tile (i, j) holds row 16i + g + 8 (k / 2), column 8j + 2t + k % 2. Score registers are numbered
 // r = 8i + 4j + k in the shared-memory sum.
-template <typename T, int kStages>
+//
+// Work items: (frame, query group). groups == 1: one block per frame, all Q <= 32 queries
+// (kMTiles = 2), the context written as T. groups == 2 (few frames: two blocks per frame fill the
+// GPU): queries [16g, 16g + 16) (kMTiles = 1), (1/Q) sum over the group's rows written as fp32 to
+// split[frame][g][C]; combineGroups adds the two.
+template <typename T, int kStages, int kMTiles>
 __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __restrict__ queries,
-    T const* __restrict__ patches, T* __restrict__ context, int frames, int Q, int N, int C, float scale2, int slice)
+    T const* __restrict__ patches, T* __restrict__ context, float* __restrict__ split, int frames, int groups, int Q,
+    int N, int C, float scale2, int slice)
 {
 #if defined(LLAMAVID_CA_MMA)
     constexpr int kAccTiles = kTcMaxSlice / 8; // 22 accumulator tiles of 8 channels per 16 query rows
     constexpr int kSteps = kTcMaxSlice / 16;   // 11 k-steps of 16 channels
     constexpr int kRowChunks = kTcMaxSlice / 8; // 16-byte chunks per slab row
-    constexpr int kPrefetchTiles = 4;          // tiles ahead of the one computed, pulled into L2
     static_assert(2 * kTcWarps == 16, "each warp sums 2 of the 16 score registers");
     extern __shared__ __align__(16) unsigned char smem[];
     int const warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -173,26 +181,32 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 = make_uint4(0, 0, 0, 0);
     }
 
-    for (int f = blockIdx.x; f < frames; f += gridDim.x)
+    for (int item = blockIdx.x; item < frames * groups; item += gridDim.x)
     {
-        T const* qf = queries + size_t(f) * Q * C; // [Q, C]
-        T const* pf = patches + size_t(f) * N * C; // [N, C]
+        int const f = item / groups, group = item % groups, next = (item + gridDim.x) / groups; // next frame
+        int const rows = groups == 1 ? Q : min(16, Q - 16 * group);   // this item's queries
+        T const* qf = queries + (size_t(f) * Q + 16 * group) * C;      // [rows, C]
+        T const* pf = patches + size_t(f) * N * C;                     // [N, C]
         auto loadTile = [&](int tile, int stage) {  // patches[16 tile : +16, this warp's channels]
             if (lane < chunks)
             {
                 T const* src = pf + size_t(tile) * kTcTileN * C + c0 + lane * 8;
                 uint32_t const dst = pBase + stage * kTcStageBytes + lane * 16;
-                int const rows = min(kTcTileN, N - tile * kTcTileN);
+                int const real = min(kTcTileN, N - tile * kTcTileN);
+                if (real == kTcTileN) // every tile but maybe the last: no per-row checks
 #pragma unroll
-                for (int r = 0; r < kTcTileN; ++r, src += C)
-                    copy16(dst + r * kTcSlabPitch, r < rows ? src : pf, r < rows);
+                    for (int r = 0; r < kTcTileN; ++r, src += C)
+                        copy16(dst + r * kTcSlabPitch, src, true);
+                else
+                    for (int r = 0; r < kTcTileN; ++r, src += C)
+                        copy16(dst + r * kTcSlabPitch, r < real ? src : pf, r < real);
             }
         };
         // queries[:, this warp's channels], zero past Q and C; they join the first copy group
         for (int e = lane; e < kTcMaxQueries * kRowChunks; e += 32)
         {
             int const r = e / kRowChunks, ch = e % kRowChunks;
-            bool const valid = r < Q && ch < chunks;
+            bool const valid = r < rows && ch < chunks;
             copy16(qBase + r * kTcQueryPitch + ch * 16, valid ? qf + size_t(r) * C + c0 + ch * 8 : qf, valid);
         }
         for (int s = 0; s < kStages - 1; ++s)
@@ -201,8 +215,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 loadTile(s, s);
             commitCopies();
         }
-        if (f + int(gridDim.x) < frames)
-            prefetchRange(queries + size_t(f + gridDim.x) * Q * C, Q * C * int(sizeof(T)));
+        if (next < frames && next != f)
+            prefetchRange(queries + size_t(next) * Q * C, Q * C * int(sizeof(T)));
 
         float acc[2][kAccTiles][4];
 #pragma unroll
@@ -223,17 +237,6 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
             waitCopies<kStages - 1>();
             __syncwarp(); // tile it (and the queries) landed for every lane
 
-            {   // the tile kPrefetchTiles ahead in this block's sequence of (frame, tile), into L2
-                int tile = it + kPrefetchTiles, g = f;
-                if (tile >= numTiles)
-                {
-                    tile -= numTiles;
-                    g += gridDim.x;
-                }
-                if (g < frames && tile < numTiles)
-                    prefetchRange(patches + (size_t(g) * N + size_t(tile) * kTcTileN) * C,
-                        min(kTcTileN, N - tile * kTcTileN) * C * int(sizeof(T)));
-            }
             uint32_t const slab = pBase + (it % kStages) * kTcStageBytes;
 
             // partial scores over this warp's channels
@@ -244,7 +247,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 uint32_t b[4]; // patches 0-7 / 8-15 x channels 0-7, 8-15 of the step
                 ldmatrix4(b, slab + (lane % 8 + lane / 16 * 8) * kTcSlabPitch + (k * 16 + lane / 8 % 2 * 8) * 2);
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
+                for (int i = 0; i < kMTiles; ++i)
                 {
                     uint32_t a[4];
                     ldmatrix4(a, qBase + (16 * i + lane % 8 + lane / 8 % 2 * 8) * kTcQueryPitch
@@ -290,9 +293,9 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 
             // e: the numerators as A fragments; the accumulators rescaled where a row's max moved
             uint32_t e[2][4];
-            float alpha[2][2];
+            float alpha[2][2] = {{1.f, 1.f}, {1.f, 1.f}};
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < kMTiles; ++i)
             {
                 ldmatrix4(e[i], eBase + (16 * i + lane % 8 + lane / 8 % 2 * 8) * kTcNumeratorPitch + lane / 16 * 16);
 #pragma unroll
@@ -302,7 +305,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
             bool const moved = alpha[0][0] != 1.f || alpha[0][1] != 1.f || alpha[1][0] != 1.f || alpha[1][1] != 1.f;
             if (__any_sync(0xffffffffu, moved))
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
+                for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
                     for (int j = 0; j < kAccTiles; ++j)
 #pragma unroll
@@ -316,7 +319,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 uint32_t b[4]; // channels 16k..16k+7 (b0, b1) and 16k+8.. (b2, b3) x patches 0-15
                 ldmatrix4Trans(b, slab + (lane % 8 + lane / 8 % 2 * 8) * kTcSlabPitch + (k * 16 + lane / 16 * 8) * 2);
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
+                for (int i = 0; i < kMTiles; ++i)
                 {
                     Mma<T>::run(acc[i][2 * k], e[i], b[0], b[1]);
                     Mma<T>::run(acc[i][2 * k + 1], e[i], b[2], b[3]);
@@ -326,21 +329,22 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 
         // context[c] = (1/Q) sum_q acc[q][c] / l[q]: this thread's 4 rows, then the 8 row groups
         if (pair == 0)
-            rowInvSum[row] = row < Q ? 1.f / rowSum : 0.f;
+            rowInvSum[row] = row < rows ? 1.f / rowSum : 0.f;
         __syncthreads();
         float invSum[2][2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
                 invSum[i][h] = rowInvSum[16 * i + 8 * h + lane / 4];
-        T* out = context + size_t(f) * C + c0; // this warp's channels of [1, C]
+        T* out = context + size_t(f) * C + c0;                   // this warp's channels of [1, C]
+        float* partOut = split + (size_t(f) * 2 + group) * C + c0; // groups == 2: of [2, C]
 #pragma unroll
         for (int j = 0; j < kAccTiles; ++j)
         {
             float v[2] = {0.f, 0.f};
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
                 for (int k = 0; k < 4; ++k)
                     v[k % 2] += acc[i][j][k] * invSum[i][k / 2];
@@ -351,10 +355,15 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
                 v[1] += __shfl_xor_sync(0xffffffffu, v[1], offset);
             }
             int const c = 8 * j + 2 * lane; // within this warp's channels
-            if (lane < 4 && c < width)
+            if (lane < 4 && c < width && groups == 1)
             {
                 out[c] = fromFloat<T>(v[0] * invQ);
                 out[c + 1] = fromFloat<T>(v[1] * invQ);
+            }
+            else if (lane < 4 && c < width)
+            {
+                partOut[c] = v[0] * invQ;
+                partOut[c + 1] = v[1] * invQ;
             }
         }
     }
@@ -362,27 +371,53 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 #endif
 }
 
-template <typename T, int kStages>
-cudaError_t launchWithStages(T const* queries, T const* patches, T* context, int64_t frames, int32_t numQueries,
-    int32_t numPatches, int32_t channels, float scale, int maxShared, cudaStream_t stream)
+// context[f] = split[f][0] + split[f][1], rounded once to T.
+template <typename T>
+__global__ void combineGroups(float const* __restrict__ split, T* __restrict__ context, int frames, int C)
 {
-    auto kernel = tensorCoreKernel<T, kStages>;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(frames) * C; i += size_t(gridDim.x) * blockDim.x)
+    {
+        size_t const f = i / C, c = i % C;
+        context[i] = fromFloat<T>(split[2 * f * C + c] + split[(2 * f + 1) * C + c]);
+    }
+}
+
+template <typename T, int kStages, int kMTiles>
+cudaError_t launchKernel(T const* queries, T const* patches, T* context, float* split, int frames, int groups, int Q,
+    int N, int C, float scale, int resident, cudaStream_t stream)
+{
+    auto kernel = tensorCoreKernel<T, kStages, kMTiles>;
     size_t const bytes = tcSharedBytes(kStages);
-    if (bytes > size_t(maxShared))
-        return cudaErrorInvalidValue;
-    int device = 0, processors = 0, perProcessor = 0;
-    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (status == cudaSuccess)
-        status = cudaGetDevice(&device);
-    if (status == cudaSuccess)
-        status = cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device);
-    if (status == cudaSuccess)
-        status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perProcessor, kernel, kTcThreads, bytes);
+    cudaError_t const status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
     if (status != cudaSuccess)
         return status;
-    int64_t const resident = int64_t(processors) * std::max(perProcessor, 1);
-    kernel<<<unsigned(std::min(frames, resident)), kTcThreads, bytes, stream>>>(queries, patches, context, int(frames),
-        numQueries, numPatches, channels, scale * kLog2e, tcSlice(channels));
+    int const items = frames * groups;
+    kernel<<<unsigned(std::min(items, resident)), kTcThreads, bytes, stream>>>(
+        queries, patches, context, split, frames, groups, Q, N, C, scale * kLog2e, tcSlice(C));
+    return cudaGetLastError();
+}
+
+template <typename T, int kStages>
+cudaError_t launchWithStages(T const* queries, T const* patches, T* context, int frames, int Q, int N, int C,
+    float scale, void* workspace, size_t workspaceBytes, cudaStream_t stream)
+{
+    int device = 0, processors = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status == cudaSuccess)
+        status = cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device);
+    if (status != cudaSuccess)
+        return status;
+    // one block per SM (registers and shared memory); two per frame while that still fits in one wave
+    bool const split = Q > 16 && 2 * int64_t(frames) <= processors && workspace
+        && workspaceBytes >= tensorCoreWorkspaceBytes(frames, C);
+    if (!split)
+        return launchKernel<T, kStages, 2>(
+            queries, patches, context, nullptr, frames, 1, Q, N, C, scale, processors, stream);
+    auto* parts = static_cast<float*>(workspace);
+    status = launchKernel<T, kStages, 1>(queries, patches, context, parts, frames, 2, Q, N, C, scale, processors, stream);
+    if (status != cudaSuccess)
+        return status;
+    combineGroups<T><<<unsigned((int64_t(frames) * C + 255) / 256), 256, 0, stream>>>(parts, context, frames, C);
     return cudaGetLastError();
 }
 
@@ -400,7 +435,7 @@ template <typename T>
 int tensorCoreKernelArch()
 {
     cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, tensorCoreKernel<T, 1>) != cudaSuccess)
+    if (cudaFuncGetAttributes(&attributes, tensorCoreKernel<T, 1, 2>) != cudaSuccess)
     {
         cudaGetLastError(); // not sticky: clear it
         return 0;
@@ -408,23 +443,29 @@ int tensorCoreKernelArch()
     return attributes.ptxVersion;
 }
 
+size_t tensorCoreWorkspaceBytes(int64_t frames, int32_t channels)
+{
+    return size_t(frames) * 2 * size_t(channels) * sizeof(float);
+}
+
 template <typename T>
 cudaError_t launchTensorCores(T const* queries, T const* patches, T* context, int64_t frames, int32_t numQueries,
-    int32_t numPatches, int32_t channels, float scale, int stages, int maxShared, cudaStream_t stream)
+    int32_t numPatches, int32_t channels, float scale, int stages, void* workspace, size_t workspaceBytes,
+    cudaStream_t stream)
 {
     if (stages >= 2)
-        return launchWithStages<T, 2>(
-            queries, patches, context, frames, numQueries, numPatches, channels, scale, maxShared, stream);
-    return launchWithStages<T, 1>(
-        queries, patches, context, frames, numQueries, numPatches, channels, scale, maxShared, stream);
+        return launchWithStages<T, 2>(queries, patches, context, int(frames), numQueries, numPatches, channels, scale,
+            workspace, workspaceBytes, stream);
+    return launchWithStages<T, 1>(queries, patches, context, int(frames), numQueries, numPatches, channels, scale,
+        workspace, workspaceBytes, stream);
 }
 
 template int tensorCoreKernelArch<__half>();
 template int tensorCoreKernelArch<__nv_bfloat16>();
-template cudaError_t launchTensorCores<__half>(
-    __half const*, __half const*, __half*, int64_t, int32_t, int32_t, int32_t, float, int, int, cudaStream_t);
+template cudaError_t launchTensorCores<__half>(__half const*, __half const*, __half*, int64_t, int32_t, int32_t,
+    int32_t, float, int, void*, size_t, cudaStream_t);
 template cudaError_t launchTensorCores<__nv_bfloat16>(__nv_bfloat16 const*, __nv_bfloat16 const*, __nv_bfloat16*,
-    int64_t, int32_t, int32_t, int32_t, float, int, int, cudaStream_t);
+    int64_t, int32_t, int32_t, int32_t, float, int, void*, size_t, cudaStream_t);
 
 } // namespace ca
 } // namespace llamavid
