@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -150,7 +149,8 @@ def standard_op_graph(frames: int, patches: int, dtype: str, scale: float):
         [helper.make_tensor_value_info("context", onnx_type, [frames, 1, CHANNELS])],
         [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
          helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)  # IR 9: ORT and TensorRT 10 read it
+    # IR 9: what ONNX Runtime and TensorRT 10's parser read
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
 def tensorrt_standard_engine(frames: int, patches: int, dtype: str, scale: float):
@@ -235,7 +235,8 @@ def table(rows: list[dict]) -> str:
         return f"{row[key]:.3f}" if key in row else "n/a"
     for r in rows:
         lines.append(f"| {r['frames']} | {r['patches']} | {r['dtype']} | {r['algorithm']} | {r['kernel_ms']:.3f} "
-                     f"| {ms(r, 'cuda_cores_ms')} | {ms(r, 'eager_ms')} | {ms(r, 'sdpa_ms')} | {ms(r, 'trt_standard_ms')} "
+                     f"| {ms(r, 'cuda_cores_ms')} | {ms(r, 'eager_ms')} | {ms(r, 'sdpa_ms')} "
+                     f"| {ms(r, 'trt_standard_ms')} "
                      f"| {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_best_standard']:.2f}x ({r['best_standard']}) "
                      f"| {r['kernel_GBps']:.0f} ({100 * r['kernel_memory_fraction']:.0f}%) "
                      f"| {r['kernel_TFLOPs']:.1f} ({100 * r['kernel_matmul_fraction']:.0f}%) "
@@ -265,11 +266,12 @@ def main(argv=None) -> int:
     import torch
     from kernels import build
     from kernels.cuda_available import compute_capability
-    library = a.library or build.build_cuda_test(Path(tempfile.mkdtemp(prefix="ca_bench_")), archs=[compute_capability()])
-    kernel = Kernel(library)
+    sm = compute_capability()
+    kernel = Kernel(a.library or build.build_cuda_test(Path(tempfile.mkdtemp(prefix="ca_bench_")), archs=[sm]))
     device = torch.cuda.get_device_name()
-    print(f"device: {device} (sm_{compute_capability()}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"device: {device} (sm_{sm}, {processors} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}",
+          flush=True)
     ceilings = device_ceilings(a.repeats)
     print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()), flush=True)
     rows = []
@@ -283,9 +285,9 @@ def main(argv=None) -> int:
     print(table(rows))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"device": device, "command": "python -m kernels.bench " + " ".join(argv or sys.argv[1:]),
-                                      "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "torch": torch.__version__,
-                                      "ceilings": ceilings, "rows": rows}, indent=1))
+        command = "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+        a.json.write_text(json.dumps({"device": device, "command": command, "date": time.strftime("%Y-%m-%d"),
+                                      "torch": torch.__version__, "ceilings": ceilings, "rows": rows}, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -91,3 +91,14 @@ def test_plan_builds_the_head_from_the_chosen_form_and_records_it(tmp_path):
     assert forced.onnx == "head.onnx" and forced.context_attention["reason"] == "--context-attention standard"
     with pytest.raises(trt.PlanError, match="expected one of"):
         trt.make_plan(tmp_path, manifest, context_attention="fastest")
+
+
+@pytest.mark.parametrize("precision,onnx", [("fp16", "head_trt.onnx"), ("int8", "head_trt.onnx"),
+                                            ("fp32", "head.onnx")])
+def test_the_shipped_h200_figures_pick_the_plugin_in_16_bit_and_standard_ops_in_fp32(tmp_path, precision, onnx):
+    """kernels/context_attention/measured.json (the run in docs/BENCHMARKS.md), the released 224 px
+    head: the tensor-core kernel beats the fastest standard op at 64 frames; the fp32 CUDA-core
+    kernel does not (0.11x), so fp32 engines build the head from standard ops."""
+    manifest = manifest_for(from_name(RELEASED), precision)
+    sp = head_plan(trt.make_plan(tmp_path, manifest))
+    assert sp.onnx == onnx and sp.context_attention["device"] == "NVIDIA H200"

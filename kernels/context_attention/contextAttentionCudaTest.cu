@@ -82,7 +82,10 @@ CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void
     if (status == cudaSuccess)
         status = cudaMemcpy(patches, hostPatches, pBytes, cudaMemcpyHostToDevice);
     if (status == cudaSuccess)
-        status = launchAny(dtype, queries, patches, context, {frames, Q, N, C, scale, storage, algorithm, workspace, nullptr});
+    {
+        Launch const args{frames, Q, N, C, scale, storage, algorithm, workspace, nullptr};
+        status = launchAny(dtype, queries, patches, context, args);
+    }
     if (status == cudaSuccess)
         status = cudaDeviceSynchronize();
     if (status == cudaSuccess)
@@ -98,8 +101,8 @@ CA_EXPORT int ca_cuda_context_attention(int dtype, void const* hostQueries, void
 CA_EXPORT int ca_cuda_launch(int dtype, void const* queries, void const* patches, void* context, int64_t frames, int Q,
     int N, int C, float scale, int algorithm, void* workspace, void* stream)
 {
-    return int(launchAny(
-        dtype, queries, patches, context, {frames, Q, N, C, scale, 0, algorithm, workspace, static_cast<cudaStream_t>(stream)}));
+    Launch const args{frames, Q, N, C, scale, 0, algorithm, workspace, static_cast<cudaStream_t>(stream)};
+    return int(launchAny(dtype, queries, patches, context, args));
 }
 
 CA_EXPORT uint64_t ca_cuda_workspace_bytes(int64_t frames, int C)
@@ -113,10 +116,9 @@ CA_EXPORT int ca_cuda_auto_algorithm(int dtype, void const* queries, void const*
     using llamavid::ca::chooseAlgorithm;
     switch (dtype)
     {
-    case 1: return int(chooseAlgorithm(static_cast<__half const*>(queries), static_cast<__half const*>(patches),
-        static_cast<__half*>(nullptr), Q, C));
-    case 2: return int(chooseAlgorithm(static_cast<__nv_bfloat16 const*>(queries),
-        static_cast<__nv_bfloat16 const*>(patches), static_cast<__nv_bfloat16*>(nullptr), Q, C));
+    case 1: return int(chooseAlgorithm(static_cast<__half const*>(queries), static_cast<__half const*>(patches), Q, C));
+    case 2: return int(chooseAlgorithm(
+        static_cast<__nv_bfloat16 const*>(queries), static_cast<__nv_bfloat16 const*>(patches), Q, C));
     default: return int(Algorithm::kCudaCores);
     }
 }

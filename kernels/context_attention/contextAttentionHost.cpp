@@ -131,11 +131,12 @@ int ca_context_attention(int dtype, int algorithm, void const* queries, void con
 {
     if (frames < 0 || numQueries < 1 || numPatches < 1 || channels < 1 || (algorithm != 1 && algorithm != 2))
         return 1;
+    int const Q = numQueries, N = numPatches, C = channels;
     switch (dtype)
     {
-    case 0: return run<float>(queries, patches, context, frames, numQueries, numPatches, channels, scale, algorithm, statsTile);
-    case 1: return run<Half>(queries, patches, context, frames, numQueries, numPatches, channels, scale, algorithm, statsTile);
-    case 2: return run<BFloat16>(queries, patches, context, frames, numQueries, numPatches, channels, scale, algorithm, statsTile);
+    case 0: return run<float>(queries, patches, context, frames, Q, N, C, scale, algorithm, statsTile);
+    case 1: return run<Half>(queries, patches, context, frames, Q, N, C, scale, algorithm, statsTile);
+    case 2: return run<BFloat16>(queries, patches, context, frames, Q, N, C, scale, algorithm, statsTile);
     default: return 1;
     }
 }

@@ -234,7 +234,8 @@ cudaError_t launchCudaCores(T const* queries, T const* patches, T* context, int6
     auto kernel = keep ? contextAttentionKernel<T, true> : contextAttentionKernel<T, false>;
     if (bytes > kDefaultSharedLimit)
     {
-        cudaError_t const status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+        cudaError_t const status
+            = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
         if (status != cudaSuccess)
             return status;
     }
@@ -271,7 +272,7 @@ cudaError_t bf16Support(bool* supported, int* kernelArch, int* deviceArch)
 }
 
 template <typename T>
-Algorithm chooseAlgorithm(T const* queries, T const* patches, T* /*context*/, int32_t numQueries, int32_t channels)
+Algorithm chooseAlgorithm(T const* queries, T const* patches, int32_t numQueries, int32_t channels)
 {
     int maxShared = 0, stages = 0;
     if (sharedMemoryLimit(&maxShared) != cudaSuccess)
@@ -326,7 +327,7 @@ cudaError_t launchContextAttention(T const* queries, T const* patches, T* contex
 #define LLAMAVID_CA_INSTANTIATE(T)                                                                                   \
     template cudaError_t launchContextAttention<T>(T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, float, \
         cudaStream_t, ScoreStorage, Algorithm, void*, size_t);                                                        \
-    template Algorithm chooseAlgorithm<T>(T const*, T const*, T*, int32_t, int32_t);
+    template Algorithm chooseAlgorithm<T>(T const*, T const*, int32_t, int32_t);
 LLAMAVID_CA_INSTANTIATE(float)
 LLAMAVID_CA_INSTANTIATE(__half)
 LLAMAVID_CA_INSTANTIATE(__nv_bfloat16)

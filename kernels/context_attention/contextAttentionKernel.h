@@ -61,12 +61,12 @@ cudaError_t bf16Support(bool* supported, int* kernelArch, int* deviceArch);
 
 // The algorithm kAuto picks for these sizes on the current device (no launch).
 template <typename T>
-Algorithm chooseAlgorithm(T const* queries, T const* patches, T* context, int32_t numQueries, int32_t channels);
+Algorithm chooseAlgorithm(T const* queries, T const* patches, int32_t numQueries, int32_t channels);
 
 #define LLAMAVID_CA_DECLARE(T)                                                                                       \
     extern template cudaError_t launchContextAttention<T>(T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, \
         float, cudaStream_t, ScoreStorage, Algorithm, void*, size_t);                                                 \
-    extern template Algorithm chooseAlgorithm<T>(T const*, T const*, T*, int32_t, int32_t);
+    extern template Algorithm chooseAlgorithm<T>(T const*, T const*, int32_t, int32_t);
 LLAMAVID_CA_DECLARE(float)
 LLAMAVID_CA_DECLARE(__half)
 LLAMAVID_CA_DECLARE(__nv_bfloat16)

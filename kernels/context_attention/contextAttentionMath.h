@@ -7,9 +7,9 @@
 // Two algorithms compute it (README.md):
 //   CUDA cores    w[n] = (1/Q) sum_q a[q,n] from the row max / exp-sum, then ctx = sum_n w[n] p[n,:]
 //   tensor cores  one pass over kTcTileN-patch tiles with an online softmax per query (base 2):
-//                 t = log2(e) * s, running max m (raised lazily) and sum l, e = 2^(t - m) rounded to the input type
-//                 (the tensor cores multiply 16-bit operands), acc[q,:] = acc * 2^(m_old - m) + e p,
-//                 ctx = (1/Q) sum_q acc[q,:] / l[q]
+//                 t = log2(e) * s, running max m (raised lazily) and sum l, e = 2^(t - m) rounded
+//                 to the input type (the tensor cores multiply 16-bit operands),
+//                 acc[q,:] = acc * 2^(m_old - m) + e p, ctx = (1/Q) sum_q acc[q,:] / l[q]
 //
 // Everything here is __host__ __device__ and compiles with plain g++ when __CUDACC__ is not
 // defined: then the qualifiers vanish and `Half` / `BFloat16` are 16-bit host types whose

@@ -174,10 +174,10 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
     // rows and chunks past Q and C are zero-filled copies below.
     for (int e = lane; e < kStages * kTcTileN * kRowChunks; e += 32)
     {
-        int const row = e / kRowChunks, ch = e % kRowChunks;
+        int const slabRow = e / kRowChunks, ch = e % kRowChunks; // over every stage
         if (ch >= chunks)
-            *reinterpret_cast<uint4*>(slabs + (row / kTcTileN) * kTcStageBytes + warp * kTcSlabBytes
-                + (row % kTcTileN) * kTcSlabPitch + ch * 16)
+            *reinterpret_cast<uint4*>(slabs + (slabRow / kTcTileN) * kTcStageBytes + warp * kTcSlabBytes
+                + (slabRow % kTcTileN) * kTcSlabPitch + ch * 16)
                 = make_uint4(0, 0, 0, 0);
     }
 
@@ -375,7 +375,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) tensorCoreKernel(T const* __res
 template <typename T>
 __global__ void combineGroups(float const* __restrict__ split, T* __restrict__ context, int frames, int C)
 {
-    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(frames) * C; i += size_t(gridDim.x) * blockDim.x)
+    size_t const count = size_t(frames) * C, stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += stride)
     {
         size_t const f = i / C, c = i % C;
         context[i] = fromFloat<T>(split[2 * f * C + c] + split[(2 * f + 1) * C + c]);
@@ -414,7 +415,8 @@ cudaError_t launchWithStages(T const* queries, T const* patches, T* context, int
         return launchKernel<T, kStages, 2>(
             queries, patches, context, nullptr, frames, 1, Q, N, C, scale, processors, stream);
     auto* parts = static_cast<float*>(workspace);
-    status = launchKernel<T, kStages, 1>(queries, patches, context, parts, frames, 2, Q, N, C, scale, processors, stream);
+    status = launchKernel<T, kStages, 1>(
+        queries, patches, context, parts, frames, 2, Q, N, C, scale, processors, stream);
     if (status != cudaSuccess)
         return status;
     combineGroups<T><<<unsigned((int64_t(frames) * C + 255) / 256), 256, 0, stream>>>(parts, context, frames, C);
