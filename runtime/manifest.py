@@ -8,7 +8,8 @@ same file) reads it. Layout, version 3:
       "model":       name, config (the full LlamaVidConfig), tokens_per_frame, vision_width, llm_hidden
       "preprocess":  image_size, mean, std, image_aspect_ratio ("pad": images padded to square), video_fps
       "prompt":      template, system, roles, sep, sep2 (text pieces of the conversation template),
-                     image_placeholder ("<image>"), image_token_id (-200), media_prefix ("<image>\\n")
+                     image_placeholder ("<image>"), image_token_id (-200), media_prefix ("<image>\\n"),
+                     long_video {intro, outro}: the release's movie prompt around the frames and subtitles
       "special_ids": bos, eos, pad, image
       "tokenizers":  llm (tokenizer.json | tokenizer.model), qformer (WordPiece vocab), qformer_max_length
       "runtime":     frame_chunk (frames per vision/head call)
@@ -38,7 +39,7 @@ from pathlib import Path
 FORMAT, MANIFEST_VERSION = "llamavid-artifacts", 3    # 2: one Q-Former question per head call; 3: runtime section,
 #                                                      llm kv names, hidden and rope
 STAGES = ("vision", "head", "llm")
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt", "trtllm")
 OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
 FRAME_CHUNK = 64                  # frames per vision/head call that export writes (as the release chunks)
 

@@ -1,6 +1,6 @@
 """python -m export.build on tiny checkpoints: manifest contents, every ONNX variant's tensors as the
 manifest says, skipping unchanged stages, the TensorRT and auto targets without TensorRT or a CUDA
-device, and the manifest reader's errors."""
+device (the ONNX stages are written and the missing engines named), and the manifest reader's errors."""
 import dataclasses
 import json
 import shutil
@@ -11,7 +11,7 @@ import pytest
 
 import llamavid_ref
 from export import build as build_mod
-from export.build import BuildError, build
+from export.build import build
 from runtime.manifest import MANIFEST_VERSION, ManifestError, read_manifest
 from llamavid_ref.config import from_name
 from llamavid_ref.tiny import tiny_model
@@ -136,13 +136,19 @@ def no_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)          # import tensorrt -> ModuleNotFoundError
 
 
-def test_tensorrt_target_without_tensorrt_writes_nothing(built, tmp_path, no_tensorrt):
-    ckpt, _ = built
-    with pytest.raises(BuildError, match="--target tensorrt: TensorRT: expected the Python package `tensorrt`, found "
-                                         "none; get TensorRT .*nothing was written"):
-        build(ckpt, "fp16", tmp_path / "trt", "tensorrt", log=quiet)
-    assert not (tmp_path / "trt").exists()
-    assert build_mod.main(["--checkpoint", str(ckpt), "--target", "tensorrt", "--out", str(tmp_path / "t")]) == 2
+def test_tensorrt_target_without_tensorrt_writes_the_onnx_stages_and_says_so(built, tmp_path, no_tensorrt, monkeypatch):
+    """What TensorRT needs is prepared here, the engines are built where TensorRT is (tests/test_trtllm.py: the
+    TensorRT-LLM checkpoints in the same build)."""
+    ckpt, art = built
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+    out, lines = copy_art(art, tmp_path), []
+    build(ckpt, "fp16", out, "tensorrt", log=lines.append)
+    assert lines[0].startswith("[build] --target tensorrt: no TensorRT engines here (TensorRT: expected the Python "
+                               "package `tensorrt`, found none; get TensorRT") and "(python -m export.trt)" in lines[0]
+    assert sum("unchanged, skipped" in line for line in lines) == 4          # the same ONNX stages as --target auto
+    m = read_manifest(out)
+    assert m["build"]["resolved_target"] == "ort" and m["stages"]["llm"]["variants"][0]["backend"] == "trtllm"
+    assert [v["file"] for v in m["stages"]["head"]["variants"] if v["backend"] == "tensorrt"] == ["head_trt.onnx"]
 
 
 def test_auto_target_is_tensorrt_only_with_tensorrt_and_a_cuda_device(monkeypatch, no_tensorrt):
@@ -156,12 +162,13 @@ def test_auto_target_is_tensorrt_only_with_tensorrt_and_a_cuda_device(monkeypatc
     assert build_mod.resolve_target("auto", lines.append) == "ort"
     assert lines[-1] == ("[build] --target auto: ort, no TensorRT engines (a TensorRT engine build needs a CUDA "
                          "device: cudaErrorNoDevice (100): no device)")
-    with pytest.raises(BuildError, match="--target tensorrt: a TensorRT engine build needs a CUDA device"):
-        build_mod.resolve_target("tensorrt", lines.append)
+    assert build_mod.resolve_target("tensorrt", lines.append) == "ort"
+    assert lines[-1].startswith("[build] --target tensorrt: no TensorRT engines here (a TensorRT engine build needs a "
+                                "CUDA device: cudaErrorNoDevice (100): no device); writing the ONNX stages")
     monkeypatch.setattr(cuda_available, "cuda_available", lambda: (True, "1 CUDA device(s)"))
     assert build_mod.resolve_target("auto", lines.append) == "tensorrt"
     assert lines[-1] == "[build] --target auto: tensorrt (TensorRT and a CUDA device are here)"
-    assert build_mod.resolve_target("ort", lines.append) == "ort" and len(lines) == 3
+    assert build_mod.resolve_target("ort", lines.append) == "ort" and len(lines) == 4
 
 
 def copy_art(art, tmp_path):

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from llamavid_ref.config import IMAGE_TOKEN_INDEX, from_name
-from llamavid_ref.model import Chat, sample_next
+from llamavid_ref.model import Chat
+from llamavid_ref.sampling import Rng, sample
 from llamavid_ref.preprocess import expand_to_square, preprocess, to_rgb
 from llamavid_ref.templates import Conversation, question_prompt
 from llamavid_ref.tiny import tiny_model
@@ -81,11 +82,26 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):
     assert torch.equal(nucleus, greedy)
 
 
-def test_sample_next_respects_top_p():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    rng = torch.Generator().manual_seed(0)
-    seen = {sample_next(logits, True, 1.0, 0.7, rng) for _ in range(300)}
-    assert seen == {0, 1}                      # 0.5 + 0.3 reaches 0.7; 2 and 3 are cut
+def test_sample_respects_top_p_and_top_k():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = Rng(0)
+    seen = [sample(logits, 1.0, top_p=0.7, rng=rng) for _ in range(300)]
+    assert set(seen) == {0, 1}                 # 0.5 + 0.3 reaches 0.7; 2 and 3 are cut
+    assert 0.5 < seen.count(0) / 300 < 0.75    # 0.5 / 0.8 = 0.625
+    assert {sample(logits, 1.0, top_k=3, rng=rng) for _ in range(300)} == {0, 1, 2}
+    assert sample(logits, 0.0, repetition_penalty=4.0, history=[0]) == 1     # log 0.5 * 4 < log 0.3
+
+
+def test_rng_is_xoshiro256ss_seeded_by_splitmix64():
+    """splitmix64(0)'s first output is the published 0xe220a8397b1dcdaf; from the state {1, 2, 3, 4}
+    xoshiro256** gives rotl(2 * 5, 7) * 9 = 11520, then rotl(0 * 5, 7) * 9 = 0 (worked by hand from its
+    definition); a double takes the top 53 bits."""
+    r = Rng(0)
+    assert r.s[0] == 0xE220A8397B1DCDAF
+    r.s = [1, 2, 3, 4]
+    assert [r.next_u64(), r.next_u64()] == [11520, 0]
+    r.s = [1, 2, 3, 4]
+    assert r.next_double() == (11520 >> 11) * 2.0 ** -53
 
 
 def test_prompt_longer_than_context_is_an_error(model):

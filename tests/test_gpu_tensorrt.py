@@ -74,7 +74,7 @@ def test_engines_match_onnxruntime_per_stage(built, backend):
         for frames, text in ((1, 2), (3, 9), (64, 32)):            # profile min side, typical, profile max frames
             feeds = stage_inputs(m, sp.stage, frames, text, rng)
             name = next(iter(m["stages"][sp.stage]["outputs"]))
-            got, want = engine.run(feeds)[name], reference.run(feeds)[name]
+            got, want = engine.infer(feeds)[name], reference.infer(feeds)[name]
             assert got.shape == want.shape
             assert relative_error(got, want) < bound, (sp.stage, frames, text)
 
@@ -84,7 +84,7 @@ def test_outside_the_profile_is_a_clear_error(built, backend):
     m = read_manifest(art)
     stage = backend.open_stage(art / plan.stages[0].engine, io=m["stages"]["vision"])
     with pytest.raises(ValueError, match=r"pixel_values \[65, 3, 28, 28\] is outside the engine's optimisation profile"):
-        stage.run(stage_inputs(m, "vision", 65, 1, np.random.default_rng(1)))
+        stage.infer(stage_inputs(m, "vision", 65, 1, np.random.default_rng(1)))
 
 
 def test_engine_checked_against_the_manifest(built, backend):

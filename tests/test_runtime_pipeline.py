@@ -1,6 +1,7 @@
-"""The ONNX Runtime pipeline end to end against the reference on tiny models: identical greedy tokens
-(fused and plain decoders), identical seeded sampling, streaming, multi-turn chat, the chat CLI, and
-every bad input with a clear error (a graph whose tensors are not the manifest's included)."""
+"""The pipeline (the C core over ONNX Runtime stages) end to end against the reference on tiny models:
+identical greedy tokens (fused and plain decoders), identical seeded sampling, streaming, multi-turn chat,
+threads sharing one pipeline, no torch, the chat CLI, and every bad input with a clear error (a graph whose
+tensors are not the manifest's included)."""
 import json
 import shutil
 
@@ -15,7 +16,8 @@ from export.build import build
 from runtime.manifest import ManifestError
 from llamavid_ref.model import Chat
 from llamavid_ref.templates import question_prompt
-from llamavid_ref.video import VideoError, write_video
+from llamavid_ref.video import write_video
+from runtime.media import VideoError
 from runtime import chat as chat_cli
 from runtime.backends.ort import openvino_bf16_cpu, openvino_missing
 from runtime.pipeline import Pipeline
@@ -44,10 +46,20 @@ def test_greedy_tokens_identical_to_reference(pair):
     pipe, ref = pair
     for video in clips():
         for q in QUESTIONS:
-            ids = torch.tensor([ref.tokenizer.encode_prompt(question_prompt(q))])
-            want = ref.generate(ids, [video], [q], max_new_tokens=16)[0].tolist()
-            embeds = pipe.embed(pipe.encode_prompt(question_prompt(q)), pipe.visual_tokens(pipe.load_media(video), q))
-            assert list(pipe.generate(embeds, max_new_tokens=16)) == want
+            ids = ref.tokenizer.encode_prompt(question_prompt(q))
+            want = ref.generate(torch.tensor([ids]), [video], [q], max_new_tokens=16)[0].tolist()
+            assert pipe.encode_prompt(question_prompt(q)) == ids
+            assert list(pipe.generate(ids, pipe.load_media(video), q, max_new_tokens=16)) == want
+
+
+def test_ready_visual_rows_give_the_same_tokens(pair):
+    """Embeddings in: the reference's visual tokens passed as rows instead of pixels."""
+    pipe, ref = pair
+    video, q = clips()[1], QUESTIONS[0]
+    ids = ref.tokenizer.encode_prompt(question_prompt(q))
+    rows = ref.visual_tokens([video], [q])[0].detach().numpy()
+    want = ref.generate(torch.tensor([ids]), [video], [q], max_new_tokens=12)[0].tolist()
+    assert list(pipe.generate(ids, embeds=rows, max_new_tokens=12)) == want
 
 
 def test_seeded_top_p_sampling_identical_to_reference(pair):
@@ -57,6 +69,12 @@ def test_seeded_top_p_sampling_identical_to_reference(pair):
     for seed in (0, 5):
         kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.8, seed=seed)
         assert pipe.ask(video, QUESTIONS[0], **kw) == ref.ask(video, QUESTIONS[0], **kw)
+    ids = ref.tokenizer.encode_prompt(question_prompt(QUESTIONS[1]))
+    for kw in (dict(temperature=1.3, top_k=7, top_p=0.95, repetition_penalty=1.2, seed=3),
+               dict(temperature=0.7, top_p=1.0, repetition_penalty=0.9, seed=11)):
+        want = ref.generate(torch.tensor([ids]), [video], [QUESTIONS[1]], max_new_tokens=16, do_sample=True, **kw)
+        got = list(pipe.generate(ids, pipe.load_media(video), QUESTIONS[1], max_new_tokens=16, do_sample=True, **kw))
+        assert got == want[0].tolist()
 
 
 def test_stream_pieces_join_to_the_answer(pair):
@@ -182,6 +200,23 @@ def test_chat_cli_interactive_turns(pair, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines() == [theirs.ask(q, max_new_tokens=5) for q in QUESTIONS[:2]]
 
 
+def stage_tokens(p, video, q) -> np.ndarray:
+    """The frames' tokens [T,n+1,H] from a pipeline's own vision and head stages."""
+    ids, mask = p.qformer_tokenizer([q])
+    feats = p.stages["vision"].infer({"pixel_values": p.load_media(video)})["vision_feats"]
+    return p.stages["head"].infer({"vision_feats": feats, "qformer_ids": ids, "qformer_mask": mask})["frame_tokens"]
+
+
+def logits_of(p, ids, appended) -> list[np.ndarray]:
+    """The logits after a text prompt, then after each appended token (one llm call each), in a core session."""
+    with p.session(len(ids) + len(appended)) as s:
+        out = []
+        for chunk in [ids] + [[t] for t in appended]:
+            s.prompt(np.asarray(chunk, np.int32))
+            out.append(np.frombuffer(s.logits(), np.float32).copy())
+        return out
+
+
 def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
     """precision="fp16" opens the ort-cuda fp16 graphs on ORT's CPU provider (fp16 accuracy without a
     GPU); their visual tokens stay within the fp16 bound of the fp32 pipeline's."""
@@ -191,7 +226,7 @@ def test_fp16_graphs_run_on_the_cpu_provider_when_asked(tmp_path):
     assert [(v["precision"], v["backend"], v["file"].endswith(".fp16.onnx")) for v in fp16.chosen.values()] \
         == [("fp16", "ort-cpu", True)] * 3
     video = clips()[2]
-    a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, fp16))
+    a, b = (stage_tokens(p, video, QUESTIONS[0]) for p in (fp32, fp16))
     assert np.abs(a - b).max() / np.abs(a).max() < 3e-3
     with pytest.raises(RuntimeError, match="in int8"):
         Pipeline.open(art, precision="int8")
@@ -212,15 +247,10 @@ def test_fp16_build_runs_vision_and_head_at_bf16_on_openvino(tmp_path):
             ("llm", "llm/decoder.onnx", "fp32", "ort-cpu"), ("llm_prefill", prefill, "bf16", "ort-openvino")]
         assert "llm_prefill" not in fp32.chosen
         video = clips()[2]
-        a, b = (p.visual_tokens(p.load_media(video), QUESTIONS[0]) for p in (fp32, cpu16))
+        a, b = (stage_tokens(p, video, QUESTIONS[0]) for p in (fp32, cpu16))
         assert 1e-5 < np.abs(a - b).max() / np.abs(a).max() < 3e-2
-        embeds = fp32.embed(fp32.encode_prompt(fp32.prompt_text([(0, QUESTIONS[1]), (1, None)])), None)
-        P = embeds.shape[1]
-        logits = [[p.llm_step(embeds, P, P + 4)[0, -1].copy()] for p in (fp32, cpu16)]   # prefill
-        for i, nxt in enumerate((5, 9, 3)):                                                # decode in its cache
-            step = fp32.embed_table[[nxt]][None].astype(np.float32)
-            for p, out in zip((fp32, cpu16), logits):
-                out.append(p.llm_step(step, P + i + 1, P + 4)[0, -1].copy())
+        ids = fp32.encode_prompt(fp32.prompt_text([(0, QUESTIONS[1]), (1, None)]))
+        logits = [logits_of(p, ids, (5, 9, 3)) for p in (fp32, cpu16)]     # prefill, then decode in its cache
         for x, y in zip(*logits):
             assert 1e-6 < np.abs(x - y).max() / np.abs(x).max() < 3e-2
         assert cpu16.ask(video, QUESTIONS[1], max_new_tokens=8) == fp32.ask(video, QUESTIONS[1], max_new_tokens=8)

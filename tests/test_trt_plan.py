@@ -256,7 +256,7 @@ def test_plugin_library_missing_is_built_or_fails_with_the_reason(art, tmp_path,
 
 # ---- the build ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
-def test_tensorrt_target_without_tensorrt_fails_clearly_and_writes_nothing(art, library, tmp_path, capsys):
+def test_engine_build_without_tensorrt_fails_clearly_and_writes_nothing(art, library, tmp_path, capsys, monkeypatch):
     before = sorted((p, p.stat().st_mtime_ns) for p in art.rglob("*"))
     assert trt.main(["--artifacts", str(art), "--plugin-library", str(library)]) == 2
     err = capsys.readouterr().err
@@ -265,9 +265,15 @@ def test_tensorrt_target_without_tensorrt_fails_clearly_and_writes_nothing(art, 
     assert sorted((p, p.stat().st_mtime_ns) for p in art.rglob("*")) == before
     with pytest.raises(TensorrtUnavailable, match="python3-libnvinfer"):
         trt.build_engines(trt.make_plan(art, plugin_library=library))
-    ckpt = art.parent / "ckpt"
-    assert build_mod.main(["--checkpoint", str(ckpt), "--target", "tensorrt", "--out", str(tmp_path / "t")]) == 2
-    assert not (tmp_path / "t").exists()
+    # python -m export.build --target tensorrt writes what the engines are built from, and names what it did not build
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+    out = copy_art(art, tmp_path)
+    assert build_mod.main(["--checkpoint", str(art.parent / "ckpt"), "--precision", "fp32", "--target", "tensorrt",
+                           "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[build] --target tensorrt: no TensorRT engines here (TensorRT: expected the Python package" in text
+    assert "[build] llm: TensorRT-LLM engine not built here (TensorRT-LLM: expected the Python package" in text
+    assert trt.check_plan(trt.make_plan(out, plugin_library=library)) == trt.check_plan(trt.make_plan(art, plugin_library=library))
 
 
 class FakeTensorRT:
@@ -429,17 +435,17 @@ def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
           "outputs": {"y": {"shape": ["frames", 4], "dtype": "float32"}}}
     stage = backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", io)
     x = np.arange(12, dtype=np.float64).reshape(3, 4)                       # cast to the engine's float32
-    np.testing.assert_array_equal(stage.run({"x": x})["y"], 2 * x + 1)
+    np.testing.assert_array_equal(stage.infer({"x": x})["y"], 2 * x + 1)
     y = np.empty((8, 4), np.float32)
     x8 = np.ones((8, 4), np.float32)
-    assert stage.run({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
+    assert stage.infer({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
     assert len(cudart.mem) == 2
     with pytest.raises(ValueError, match=r"input x \[9, 4\] is outside the engine's optimisation profile \[\[1, 4\], \[8, 4\], \[8, 4\]\]"):
-        stage.run({"x": np.ones((9, 4), np.float32)})
+        stage.infer({"x": np.ones((9, 4), np.float32)})
     with pytest.raises(ValueError, match=r"expected inputs \['x'\], missing \['x'\]"):
-        stage.run({"z": x8})
+        stage.infer({"z": x8})
     with pytest.raises(ValueError, match=r"output buffer y must be C-contiguous \[8, 4\], found \[2, 4\]"):
-        stage.run({"x": x8}, outputs={"y": y[:2]})
+        stage.infer({"x": x8}, outputs={"y": y[:2]})
     stage.close()
     assert cudart.mem == {}
     bad = {**io, "outputs": {"frame_tokens": io["outputs"]["y"]}}
@@ -486,7 +492,7 @@ def test_tensorrt_target_builds_the_engines_once_and_keeps_them_on_rerun(art, li
     sys.modules["tensorrt"].__version__ = "10.4.0.26"                # another TensorRT: engines rebuilt, ONNX kept
     lines.clear()
     build_mod.build(ckpt, "fp32", out, "tensorrt", log=lines.append)
-    assert sum("unchanged, skipped" in line for line in lines) == 4 and engine_count(fake) == 4
+    assert sum("unchanged, skipped" in line for line in lines) == 5 and engine_count(fake) == 4   # 4 stages + trtllm
     assert read_manifest(out)["stages"]["vision"]["variants"][0]["built_with"] == {"tensorrt": "10.4.0.26", "sm": 87}
 
 

@@ -2,7 +2,8 @@
 
     stage = backend.open_stage(path, io=manifest["stages"][name])   # an ONNX file or an engine, its tensor
                                                                     # names and dtypes checked against io
-    out = stage.run({name: array}, outputs={name: array})            # preallocated outputs are written in place
+    out = stage.infer({name: array}, outputs={name: array})          # numpy; preallocated outputs written in place
+    stage.run(inputs, outputs, stage.new_context())                  # the C core's protocol: named memoryviews
 
 The manifest lists each stage's variants in order of preference; the pipeline takes the first that a
 backend of this machine runs (fastest backend first). The tensorrt backend runs engines only: a

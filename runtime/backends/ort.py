@@ -1,6 +1,5 @@
-"""ONNX Runtime backends: one InferenceSession per stage, run through IO binding so that the caller's
-numpy buffers (inputs and preallocated outputs, e.g. a KV cache bound as both past and present) are
-used in place.
+"""ONNX Runtime backends: one InferenceSession per stage, run through IO binding on the C core's buffers
+(inputs and outputs, e.g. a KV cache bound as both past and present), in place: no copies.
 
     ort-cpu       ORT's CPU provider (MLAS kernels), fp32 and int8 graphs
     ort-cuda      ORT's CUDA provider
@@ -55,12 +54,30 @@ def openvino_missing() -> str:
 
 
 class OrtStage:
+    """An ONNX Runtime session for one stage. run() is the core's protocol (runtime/csrc/pymodule.c): named
+    memoryviews over the core's buffers, bound in place, one IO binding per core session (its context) that
+    keeps what was bound: the core hands over only the tensors whose buffer or shape changed (incremental),
+    e.g. the attention mask of a decode step. infer() takes and returns numpy arrays."""
+    incremental = True
+
     def __init__(self, session: ort.InferenceSession, path: Path):
         self.session, self.path = session, path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def new_context(self):
+        return self.session.io_binding()
+
+    def run(self, inputs: dict[str, memoryview], outputs: dict[str, memoryview], binding):
+        for name, view in inputs.items():
+            a = np.asarray(view)
+            binding.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        for name, view in outputs.items():
+            a = np.asarray(view)
+            binding.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        self.session.run_with_iobinding(binding)
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """inputs: every graph input by name; outputs: optional preallocated buffers, written in place.
         Returns every output (the preallocated ones are the same arrays)."""
         outputs = outputs or {}

@@ -12,6 +12,7 @@ TensorrtUnavailable saying what is missing and how to get it. Engines come from 
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,7 @@ class TensorrtStage:
         trt = backend.trt
         self.backend, self.engine, self.path = backend, engine, path
         self.context = engine.create_execution_context()
+        self.lock = threading.Lock()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
@@ -121,7 +123,13 @@ class TensorrtStage:
             self._buffers[name] = (ptr, size)
         return ptr
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict, outputs: dict, ctx=None):
+        """The core's protocol (runtime/csrc/pymodule.c): named memoryviews, outputs written in place. One
+        execution context serves every session, one call at a time."""
+        with self.lock:
+            self.infer({n: np.asarray(v) for n, v in inputs.items()}, {n: np.asarray(v) for n, v in outputs.items()})
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """inputs: every engine input by name; outputs: optional preallocated buffers, written in place."""
         cuda, outputs = self.backend.cuda, dict(outputs or {})
         missing = [n for n in self.input_names if n not in inputs]
