@@ -12,6 +12,11 @@ CPU, and a short engine build with the TensorRT Python API.
         plugin    each plugin node's attributes = the creator's name / version / namespace / fields
         library   the plugin library exists, or nvcc + TensorRT headers are here to build it
         precision the layers kept in fp32; int8 has its calibration cache
+    context attention  the head's ContextAttention as the plugin (head_trt.onnx) or as standard ops (the
+              fp32 head.onnx): --context-attention auto follows python -m kernels.bench's figures
+              (--kernel-bench JSON, default the H200 run kept in kernels/context_attention/measured.json)
+              at the model's shape and the precision's type: the plugin where it beat the fastest
+              standard op; recorded in the head engine's manifest entry
     build_engines(plan) -> engine files (TensorRT + a CUDA device; temp names, renamed at the end)
     record_engines(plan) -> manifest.json lists the engines as "tensorrt" variants
 
@@ -29,6 +34,7 @@ refuses fp16/int8 on TensorRT >= 11 rather than build something else.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -47,6 +53,9 @@ FP32_ONNX_OPS = {"LayerNormalization": "NORMALIZATION", "GroupNormalization": "N
 DEFAULT_TENSORRT = "10.3"        # the oldest TensorRT the engines are meant for: JetPack 6
 OPT_TEXT = 32                    # profile opt of the Q-Former text length: a typical question
 WORKSPACE_MIB = 1024
+CONTEXT_ATTENTION = ("auto", "plugin", "standard")
+KERNEL_BENCH = Path(__file__).resolve().parent.parent / "kernels" / "context_attention" / "measured.json"
+BENCH_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}   # int8 engines keep attention in fp16
 
 # ---- what TensorRT's ONNX parser imports ----------------------------------------------------------
 # From onnx-tensorrt docs/operators.md as shipped with TensorRT 10.15 ("supports operators in the
@@ -124,6 +133,7 @@ class StagePlan:
     plugin_node: dict | None = None     # the manifest's record of the plugin node (attributes, scale)
     workspace_bytes: int = WORKSPACE_MIB << 20
     calibration_cache: str | None = None
+    context_attention: dict | None = None   # head: plugin or standard ops, and the measurement behind it
 
 
 @dataclass
@@ -156,10 +166,32 @@ def runtime_dims(manifest: dict) -> dict:
     return {"frames": (1, manifest["runtime"]["frame_chunk"]), "text": (1, manifest["tokenizers"]["qformer_max_length"])}
 
 
-def _trt_source(stage: str, entry: dict) -> dict:
-    """The variant TensorRT builds from: the stage's own tensorrt variant, else its fp32 ONNX graph
-    (TensorRT lowers precision itself)."""
-    for wanted in (lambda v: v["backend"] == "tensorrt" and v["file"].endswith(".onnx"),
+def choose_context_attention(bench: dict | None, precision: str, frames: int, queries: int, patches: int,
+                             channels: int) -> dict:
+    """The head's context attention: "plugin" where kernels.bench measured the kernel faster than the
+    fastest standard op at this shape and the precision's type (the row with the frame count nearest
+    `frames`), "standard" where slower; the plugin (the default form) where nothing was measured."""
+    dtype = BENCH_DTYPE[precision]
+    rows = [r for r in (bench or {}).get("rows", []) if (r["dtype"], r["queries"], r["patches"], r["channels"])
+            == (dtype, queries, patches, channels)]
+    shape = f"Q={queries} N={patches} C={channels} {dtype}"
+    if not rows:
+        return {"form": "plugin", "reason": f"no kernels.bench figures at {shape}: the plugin (default)"}
+    row = min(rows, key=lambda r: abs(r["frames"] - frames))
+    standard = {k: row[f"{k}_ms"] for k in ("trt_standard", "eager", "sdpa") if f"{k}_ms" in row}
+    best = min(standard, key=standard.get)
+    form = "plugin" if row["kernel_ms"] < standard[best] else "standard"
+    return {"form": form, "device": bench.get("device"), "date": bench.get("date"), "frames": row["frames"],
+            "kernel_ms": row["kernel_ms"], "kernel": row.get("algorithm"), "standard": best,
+            "standard_ms": standard[best],
+            "reason": f"kernels.bench on {bench.get('device')} ({bench.get('date')}), {row['frames']} frames at {shape}: "
+                      f"kernel {row['kernel_ms']:.3f} ms vs {best} {standard[best]:.3f} ms"}
+
+
+def _trt_source(stage: str, entry: dict, plugin: bool = True) -> dict:
+    """The variant TensorRT builds from: the stage's own tensorrt variant (unless plugin=False: the
+    head with standard ops), else its fp32 ONNX graph (TensorRT lowers precision itself)."""
+    for wanted in (lambda v: plugin and v["backend"] == "tensorrt" and v["file"].endswith(".onnx"),
                    lambda v: v["precision"] == "fp32" and v["file"].endswith(".onnx")):
         for v in entry["variants"]:
             if wanted(v):
@@ -182,10 +214,12 @@ def _profile(io: dict, dims: dict) -> dict:
 
 def make_plan(root, manifest: dict | None = None, max_frames: int | None = None, max_text: int | None = None,
               precision: str | None = None, plugin_library=None, workspace_mib: int = WORKSPACE_MIB,
-              tensorrt: str = DEFAULT_TENSORRT, calibration_cache=None) -> EnginePlan:
+              tensorrt: str = DEFAULT_TENSORRT, calibration_cache=None, context_attention: str = "auto",
+              kernel_bench=KERNEL_BENCH) -> EnginePlan:
     """The engine plan of an artifact directory. manifest=None reads root/manifest.json (hashes checked).
     Profiles: frames 1..max_frames (opt = max: full chunks dominate a video), text 1..max_text (opt
-    OPT_TEXT); the defaults are what the runtime asks for (runtime_dims)."""
+    OPT_TEXT); the defaults are what the runtime asks for (runtime_dims). context_attention: auto
+    (choose_context_attention on the kernel_bench JSON), plugin or standard."""
     if manifest is None:
         from runtime.manifest import read_manifest
         manifest = read_manifest(Path(root))
@@ -193,6 +227,8 @@ def make_plan(root, manifest: dict | None = None, max_frames: int | None = None,
     max_frames = max_frames or runtime["frames"][1]
     max_text = max_text or runtime["text"][1]
     dims = {"frames": (1, max_frames, max_frames), "text": (1, min(OPT_TEXT, max_text), max_text)}
+    if context_attention not in CONTEXT_ATTENTION:
+        raise PlanError(f"context attention: expected one of {CONTEXT_ATTENTION}, found {context_attention!r}")
     creator = creator_from_source(library=plugin_library)
     stages = []
     for stage in PLANNED_STAGES:
@@ -201,19 +237,36 @@ def make_plan(root, manifest: dict | None = None, max_frames: int | None = None,
         p = precision or (src["precision"] if src["backend"] == "tensorrt" else manifest["build"]["precision"])
         if p not in PRECISIONS:
             raise PlanError(f"stage {stage}: expected a precision in {PRECISIONS}, found {p!r}")
+        choice = None
+        if src.get("plugin"):
+            choice = _context_attention_choice(manifest, entry, p, max_frames, context_attention, kernel_bench)
+            src = _trt_source(stage, entry, plugin=choice["form"] == "plugin")
         io = {k: entry[k] for k in ("inputs", "outputs")}
         node = src.get("plugin")
         stages.append(StagePlan(
             stage=stage, onnx=src["file"], engine=f"{stage}.{p}.engine", io=io, profile=_profile(io, dims),
             precision=p, fp32_layers=() if p == "fp32" else FP32_LAYER_TYPES,
             plugins=(creator,) if node else (), plugin_node=node, workspace_bytes=workspace_mib << 20,
-            calibration_cache=str(calibration_cache) if calibration_cache and p == "int8" else None))
+            calibration_cache=str(calibration_cache) if calibration_cache and p == "int8" else None,
+            context_attention=choice))
     notes = ["llm: not planned here (TensorRT-LLM: export/trtllm.py plans and builds its engine)"]
     positions = manifest.get("model", {}).get("config", {}).get("qformer", {}).get("max_positions")
     if positions is not None and positions < runtime["text"][1]:
         notes.append(f"the Q-Former has {positions} text positions but its tokenizer passes up to {runtime['text'][1]} "
                      f"tokens: longer prompts fail on every backend, not only TensorRT")
     return EnginePlan(str(root), stages, runtime, tensorrt, notes)
+
+
+def _context_attention_choice(manifest: dict, head: dict, precision: str, frames: int, mode: str, bench_path) -> dict:
+    """choose_context_attention at the model's head shape, or the form the user forced."""
+    if mode != "auto":
+        return {"form": mode, "reason": f"--context-attention {mode}"}
+    bench = None
+    if bench_path is not None and Path(bench_path).is_file():
+        bench = json.loads(Path(bench_path).read_text())
+    _, tokens, channels = head["inputs"]["vision_feats"]["shape"]                  # [F, N+1, Cv]
+    queries = manifest["model"]["config"]["qformer"]["num_query"]
+    return choose_context_attention(bench, precision, frames, queries, tokens - 1, channels)
 
 
 # ---- checks (CPU, no TensorRT) -----------------------------------------------------------------------
@@ -461,6 +514,8 @@ def describe(plan: EnginePlan, checks: list[Check] | None = None) -> str:
             lines.append(f"    profile {name}: min {list(d.min)} opt {list(d.opt)} max {list(d.max)}")
         for p in sp.plugins:
             lines.append(f"    plugin {p.namespace}::{p.name} v{p.version} fields {p.fields} from {p.library}")
+        if sp.context_attention:
+            lines.append(f"    context attention: {sp.context_attention['form']} ({sp.context_attention['reason']})")
     lines += [f"note: {n}" for n in plan.notes]
     for c in checks or []:
         lines.append(f"{'ok  ' if c.ok else 'FAIL'} {c.stage:<6} {c.name:<9} {c.message}")
@@ -568,7 +623,8 @@ def engine_variants(plan: EnginePlan, built_with: dict) -> dict:
     return {sp.stage: {"file": sp.engine, "precision": sp.precision, "backend": "tensorrt", "source": sp.onnx,
                        "profile": {n: asdict(d) for n, d in sp.profile.items()}, "fp32_layers": list(sp.fp32_layers),
                        "plugins": [{**asdict(p), "library": Path(p.library).name} for p in sp.plugins],
-                       "built_with": built_with}
+                       "built_with": built_with,
+                       **({"context_attention": sp.context_attention} if sp.context_attention else {})}
             for sp in plan.stages}
 
 
@@ -596,12 +652,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workspace-mib", type=int, default=WORKSPACE_MIB)
     ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, help="oldest TensorRT the engines target (op table)")
     ap.add_argument("--calibration-cache", default=None, help="int8: the TensorRT calibration cache")
+    ap.add_argument("--context-attention", choices=CONTEXT_ATTENTION, default="auto",
+                    help="the head's context attention: the plugin, standard ops, or auto (the faster in --kernel-bench)")
+    ap.add_argument("--kernel-bench", default=str(KERNEL_BENCH), help="python -m kernels.bench --json output")
     a = ap.parse_args(argv)
     from runtime.backends.tensorrt import TensorrtUnavailable
     try:
         plan = make_plan(a.artifacts, max_frames=a.max_frames, max_text=a.max_text, precision=a.precision,
                          plugin_library=a.plugin_library, workspace_mib=a.workspace_mib, tensorrt=a.tensorrt,
-                         calibration_cache=a.calibration_cache)
+                         calibration_cache=a.calibration_cache, context_attention=a.context_attention,
+                         kernel_bench=a.kernel_bench)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,8 +30,9 @@ HOST_LIBRARY = "libcontext_attention_host.so"
 CUDA_TEST_LIBRARY = "libcontext_attention_cuda_test.so"
 PLUGIN_CHECK_PROGRAM = "contextAttentionPluginCheck"
 
-PLUGIN_SOURCES = ("contextAttentionKernel.cu", "contextAttentionPlugin.cpp")
-CUDA_TEST_SOURCES = ("contextAttentionKernel.cu", "contextAttentionCudaTest.cu")
+KERNEL_SOURCES = ("contextAttentionKernel.cu", "contextAttentionTensorCore.cu")
+PLUGIN_SOURCES = (*KERNEL_SOURCES, "contextAttentionPlugin.cpp")
+CUDA_TEST_SOURCES = (*KERNEL_SOURCES, "contextAttentionCudaTest.cu")
 
 
 class BuildError(RuntimeError):
@@ -123,6 +124,7 @@ def nvcc_command(sources, output: Path, archs: list[int], system_includes: list[
         "-O3",
         "-shared",
         "-nodlink",  # no relocatable device code: skip nvlink's duplicate copy of every cubin
+        "--threads=0",  # the architectures compile in parallel
         "-Xcompiler=-fPIC,-fvisibility=hidden,-Wall",
         *gencode_flags(archs),
         f"-I{SRC}",

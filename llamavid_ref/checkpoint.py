@@ -185,9 +185,10 @@ def _load_released(root: Path, hf: dict, vision_tower, vision_heads, qformer_hea
 
 # ---- public API ----------------------------------------------------------------------------------
 def load(path=None, *, vision_tower=None, qformer_vocab=None, vision_heads: int = 16,
-         qformer_heads: int = 12, dtype: torch.dtype = torch.float32) -> LlamaVid:
+         qformer_heads: int = 12, dtype: torch.dtype = torch.float32, device=None) -> LlamaVid:
     """Load a released LLaMA-VID checkpoint directory, a project-format directory, or (path=None)
-    the default model shipped with the package. Returns the model in eval mode."""
+    the default model shipped with the package. Returns the model in eval mode, in `dtype` on
+    `device` (None: the CPU), e.g. load(path, device="cuda", dtype=torch.float16)."""
     root = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (root / "config.json").is_file():
         what = "nothing" if not root.exists() else ("a file" if root.is_file() else
@@ -207,7 +208,7 @@ def load(path=None, *, vision_tower=None, qformer_vocab=None, vision_heads: int 
     _load_state(model, sd, root)
     model.tokenizer = LLMTokenizer.find(root, cfg.llm.bos_id, cfg.llm.eos_id)
     model.qformer_tokenizer = QFormerTokenizer(find_qformer_vocab(root, qformer_vocab), cfg.qformer.max_text_len)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _load_state(model: LlamaVid, sd: dict, root: Path) -> None:

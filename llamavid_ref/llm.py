@@ -30,14 +30,16 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor):
-    """position_ids [B,T] -> cos, sin [B,T,d] (fp32)."""
+def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """position_ids [B,T] -> cos, sin [B,T,d]: computed in fp32 on the ids' device, returned in
+    `dtype` (the activations' type, as HF's rotary embedding does)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    exponents = torch.arange(0, d, 2, dtype=torch.float32, device=position_ids.device) / d
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     pos = position_ids.float() / cfg.rope_scaling                                  # linear scaling
     freqs = pos[..., None] * inv_freq                                              # [B,T,d/2]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):                                                      # x [B,h,T,d]
@@ -101,9 +103,10 @@ class Block(nn.Module):
 def causal_mask(attention_mask: torch.Tensor, T: int, dtype) -> torch.Tensor:
     """attention_mask [B,S] (1 = real token, S = past + T) -> additive [B,1,T,S]."""
     B, S = attention_mask.shape
-    q_pos = torch.arange(S - T, S)[:, None]                                        # [T,1]
-    allowed = (torch.arange(S)[None, :] <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
-    return torch.zeros(B, 1, T, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    device = attention_mask.device
+    q_pos = torch.arange(S - T, S, device=device)[:, None]                          # [T,1]
+    allowed = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(B, 1, T, S, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class LlamaLM(nn.Module):
@@ -124,10 +127,10 @@ class LlamaLM(nn.Module):
         B, T, _ = inputs_embeds.shape
         past_len = past[0][0].shape[2] if past else 0
         if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + T, dtype=torch.long)
+            attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-        cos, sin = rope_cos_sin(self.cfg, position_ids)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, T, inputs_embeds.dtype)
         x, present = inputs_embeds, []
         for i, layer in enumerate(self.layers):

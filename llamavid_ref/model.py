@@ -65,6 +65,7 @@ class LlamaVid(nn.Module):
         counts = torch.tensor([f.shape[0] for f in frames])
         ids, mask = self.qformer_tokenizer(list(prompts))                                # [K,L]
         ids, mask = ids.repeat_interleave(counts, 0), mask.repeat_interleave(counts, 0)  # [sum T,L]
+        ids, mask = ids.to(self.device), mask.to(self.device)
         # The vision stage is question-independent: run it once per distinct media tensor.
         unique = {id(f): f for f in frames}
         feats = {k: self._vision(f) for k, f in unique.items()}
@@ -72,13 +73,20 @@ class LlamaVid(nn.Module):
         tokens = chunked(self.head, vision_feats, ids, mask)                             # [sum T,n+1,H]
         return [t.flatten(0, 1) for t in tokens.split(counts.tolist())]
 
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
     def _vision(self, frames):
-        """[T,3,S,S] -> [T,N+1,Cv]; memoised per media tensor while vision_cache is a dict."""
+        """[T,3,S,S] (moved to the model's device and float type) -> [T,N+1,Cv]; memoised per
+        media tensor while vision_cache is a dict."""
+        def encode(f):
+            return chunked(self.vision, f.to(self.device, self.llm.lm_head.weight.dtype))
         if self.vision_cache is None:
-            return chunked(self.vision, frames)
+            return encode(frames)
         if id(frames) not in self.vision_cache:       # the tensor is kept so its id stays unique
             with torch.no_grad():
-                self.vision_cache[id(frames)] = (frames, chunked(self.vision, frames))
+                self.vision_cache[id(frames)] = (frames, encode(frames))
         return self.vision_cache[id(frames)][1]
 
     # ---- prompt assembly -----------------------------------------------------------------------
@@ -92,6 +100,7 @@ class LlamaVid(nn.Module):
                              f"placeholder; found {n_ph} placeholders, {len(images)} images, {len(prompts)} prompts")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         emb = self.llm.embed_tokens
         visual = self.visual_tokens(images, prompts) if images else []
         rows, k = [], 0
@@ -104,8 +113,8 @@ class LlamaVid(nn.Module):
             rows.append(torch.cat(pieces))
         T = max(r.shape[0] for r in rows)
         H = self.config.llm.hidden
-        embeds = torch.zeros(len(rows), T, H, dtype=rows[0].dtype)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        embeds = torch.zeros(len(rows), T, H, dtype=rows[0].dtype, device=self.device)
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             embeds[i, :r.shape[0]], mask[i, :r.shape[0]] = r, 1
         return embeds, mask
@@ -144,11 +153,11 @@ class LlamaVid(nn.Module):
         logits, past = self.llm(embeds)
         out: list[int] = []
         for _ in range(min(max_new_tokens, limit - T)):
-            token = sample(logits[0, -1].float().numpy(), history=history + out, rng=rng, **sampling)
+            token = sample(logits[0, -1].float().cpu().numpy(), history=history + out, rng=rng, **sampling)
             out.append(token)
             if token == self.config.llm.eos_id:
                 break
-            nxt = self.llm.embed_tokens(torch.tensor([[token]]))
+            nxt = self.llm.embed_tokens(torch.tensor([[token]], device=embeds.device))
             logits, past = self.llm(nxt, past=past)
         return out
 

@@ -68,25 +68,28 @@ def find_cuobjdump() -> str | None:
     return None
 
 
-def fatbin_images(path: Path) -> list[tuple[str, int]]:
-    """(kind, sm) of every image in the library's fatbins: kind "elf" (SASS) or "ptx".
+def fatbin_images(path: Path) -> list[list[tuple[str, int]]]:
+    """Per fatbin of the library (one per .cu file with device code), the (kind, sm) of each
+    image: kind "elf" (SASS) or "ptx".
 
     Layout read here: a fatbin is a 16-byte header (magic 0xBA55ED50, u16 version, u16 header
     size, u64 payload size) followed by entries, each with a header (u16 kind 1=PTX 2=ELF, u16,
     u32 header size, u64 payload size, ..., u32 sm version at byte 28) and its payload."""
     data = path.read_bytes()
     magic = struct.pack("<I", 0xBA55ED50)
-    images, start = [], data.find(magic)
+    fatbins, start = [], data.find(magic)
     while start >= 0:
         _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, start)
         entry, end = start + header_size, start + header_size + fat_size
+        images = []
         while entry < end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
             (sm,) = struct.unpack_from("<I", data, entry + 28)
             images.append(({1: "ptx", 2: "elf"}.get(kind, str(kind)), sm))
             entry += entry_header + payload
+        fatbins.append(images)
         start = data.find(magic, end)
-    return images
+    return fatbins
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,9 +122,12 @@ def test_does_not_link_libnvinfer(library):
 
 @needs_toolchain
 def test_fatbin_has_sass_for_every_arch(library):
-    images = fatbin_images(library)
-    assert sorted(sm for kind, sm in images if kind == "elf") == ARCHS
-    assert [sm for kind, sm in images if kind == "ptx"] == [ARCHS[-1]]
+    """Both kernel files (CUDA cores, tensor cores) hold SASS for every arch plus PTX of the newest."""
+    fatbins = fatbin_images(library)
+    assert len(fatbins) == len(build.KERNEL_SOURCES)
+    for images in fatbins:
+        assert sorted(sm for kind, sm in images if kind == "elf") == ARCHS
+        assert [sm for kind, sm in images if kind == "ptx"] == [ARCHS[-1]]
 
 
 @needs_toolchain
@@ -132,14 +138,23 @@ def test_cuobjdump_lists_sass_for_every_arch(library):
     listing = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(library)], capture_output=True, text=True,
                              check=True).stdout
     elves = [line for line in listing.splitlines() if line.startswith("ELF file")]
-    assert sorted(line.rsplit(".sm_", 1)[1].split(".")[0] for line in elves) == [str(a) for a in ARCHS]
+    sms = sorted(line.rsplit(".sm_", 1)[1].split(".")[0] for line in elves)
+    assert sms == sorted([str(a) for a in ARCHS] * len(build.KERNEL_SOURCES))
     assert any(line.startswith("PTX file") and f"sm_{ARCHS[-1]}.ptx" in line for line in listing.splitlines())
+
+
+def gpu_runs_bf16() -> bool:
+    """The library holds sm_80+ kernels for every arch it targets: bf16 runs wherever a GPU of
+    sm_80 or newer is present (and is refused, with the reason, elsewhere: no GPU here)."""
+    from kernels.cuda_available import compute_capability, cuda_available
+    return cuda_available()[0] and compute_capability() >= 80
 
 
 @needs_toolchain
 def test_plugin_behaviour_through_fake_tensorrt(library, tmp_path):
     program = build.build_plugin_check(tmp_path)
-    result = subprocess.run([str(program), str(library)], capture_output=True, text=True)
+    result = subprocess.run([str(program), str(library)] + (["bf16"] if gpu_runs_bf16() else []),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failed" in result.stdout
 

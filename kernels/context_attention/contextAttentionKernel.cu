@@ -1,4 +1,5 @@
-// ContextAttention CUDA kernel: one block of kThreads threads per frame.
+// ContextAttention launcher, and the CUDA-core kernel: one block of kThreads threads per frame.
+// (The tensor-core kernel is contextAttentionTensorCore.cu; launchContextAttention picks one.)
 //
 //   keep path (Q x N scores fit in shared memory; the released shapes do):
 //     pass 1  patches -> score tiles -> S[Q][N] in shared memory
@@ -11,8 +12,11 @@
 // The per-element arithmetic is in contextAttentionMath.h, shared with the host twin.
 #include "contextAttentionKernel.h"
 #include "contextAttentionMath.h"
+#include "contextAttentionTensorCore.h"
 
 #include <climits>
+#include <cstdint>
+#include <type_traits>
 
 namespace llamavid
 {
@@ -79,10 +83,21 @@ __device__ void scoreTile(T const* qf, T const* pf, int Q, int N, int C, int q0,
     }
 }
 
+// bf16 kernels exist for sm_80 and newer only (bf16Support); below, the body is empty.
+template <typename T>
+constexpr bool kHasBody =
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    !std::is_same<T, __nv_bfloat16>::value;
+#else
+    true;
+#endif
+
 template <typename T, bool kKeepScores>
 __global__ void __launch_bounds__(kThreads)
     contextAttentionKernel(T const* queries, T const* patches, T* context, int Q, int N, int C, float scale)
 {
+    if constexpr (!kHasBody<T>)
+        return;
     extern __shared__ float smem[];
     float* qs = smem;                     // [kTileQ][kPitch]
     float* ps = qs + kTileQ * kPitch;     // [kTileN][kPitch]
@@ -173,26 +188,43 @@ __global__ void __launch_bounds__(kThreads)
         out[c] = fromFloat<T>(weightedSumRange(0.f, w, pf + c, 0, N, C));
 }
 
-} // namespace
+bool aligned16(void const* p)
+{
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 template <typename T>
-cudaError_t launchContextAttention(T const* queries, T const* patches, T* context, int64_t frames,
-    int32_t numQueries, int32_t numPatches, int32_t channels, float scale, cudaStream_t stream, ScoreStorage storage)
-{
-    if (frames == 0)
-        return cudaSuccess;
-    if (frames < 0 || frames > INT_MAX || numQueries < 1 || numPatches < 1 || channels < 1 || !queries || !patches
-        || !context)
-        return cudaErrorInvalidValue;
+constexpr bool kSixteenBit = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 
+// What Algorithm::kAuto takes, given the device's opt-in shared memory per block.
+template <typename T>
+Algorithm autoAlgorithm(
+    T const* queries, T const* patches, int32_t numQueries, int32_t channels, int maxShared, int* stages)
+{
+    if constexpr (!kSixteenBit<T>)
+        return Algorithm::kCudaCores;
+    else
+    {
+        *stages = tensorCoreStages(maxShared);
+        bool const fits = numQueries <= kTcMaxQueries && channels <= kTcMaxChannels && channels % 8 == 0
+            && aligned16(queries) && aligned16(patches) && *stages >= 1;
+        return fits && tensorCoreKernelArch<T>() >= 80 ? Algorithm::kTensorCores : Algorithm::kCudaCores;
+    }
+}
+
+cudaError_t sharedMemoryLimit(int* maxShared)
+{
     int device = 0;
-    int maxShared = 0;
     cudaError_t status = cudaGetDevice(&device);
     if (status == cudaSuccess)
-        status = cudaDeviceGetAttribute(&maxShared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (status != cudaSuccess)
-        return status;
+        status = cudaDeviceGetAttribute(maxShared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return status;
+}
 
+template <typename T>
+cudaError_t launchCudaCores(T const* queries, T const* patches, T* context, int64_t frames, int32_t numQueries,
+    int32_t numPatches, int32_t channels, float scale, int maxShared, cudaStream_t stream, ScoreStorage storage)
+{
     size_t const keepBytes = sharedBytes(numQueries, numPatches, true);
     bool const keep = storage == ScoreStorage::kAuto && keepBytes <= size_t(maxShared);
     size_t const bytes = keep ? keepBytes : sharedBytes(numQueries, numPatches, false);
@@ -202,7 +234,8 @@ cudaError_t launchContextAttention(T const* queries, T const* patches, T* contex
     auto kernel = keep ? contextAttentionKernel<T, true> : contextAttentionKernel<T, false>;
     if (bytes > kDefaultSharedLimit)
     {
-        status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+        cudaError_t const status
+            = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
         if (status != cudaSuccess)
             return status;
     }
@@ -211,10 +244,94 @@ cudaError_t launchContextAttention(T const* queries, T const* patches, T* contex
     return cudaGetLastError();
 }
 
-template cudaError_t launchContextAttention<float>(
-    float const*, float const*, float*, int64_t, int32_t, int32_t, int32_t, float, cudaStream_t, ScoreStorage);
-template cudaError_t launchContextAttention<__half>(
-    __half const*, __half const*, __half*, int64_t, int32_t, int32_t, int32_t, float, cudaStream_t, ScoreStorage);
+} // namespace
+
+cudaError_t bf16Support(bool* supported, int* kernelArch, int* deviceArch)
+{
+    *supported = false;
+    *kernelArch = *deviceArch = 0;
+    int device = 0, major = 0, minor = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status == cudaSuccess)
+        status = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (status == cudaSuccess)
+        status = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (status != cudaSuccess)
+    {
+        cudaGetLastError(); // no device / driver: leave no error behind for the caller's next call
+        return status;
+    }
+    *deviceArch = 10 * major + minor;
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, contextAttentionKernel<__nv_bfloat16, true>) == cudaSuccess)
+        *kernelArch = attributes.ptxVersion;
+    else
+        cudaGetLastError(); // no image for this device: not sticky, clear it
+    *supported = *kernelArch >= 80;
+    return cudaSuccess;
+}
+
+template <typename T>
+Algorithm chooseAlgorithm(T const* queries, T const* patches, int32_t numQueries, int32_t channels)
+{
+    int maxShared = 0, stages = 0;
+    if (sharedMemoryLimit(&maxShared) != cudaSuccess)
+        return Algorithm::kCudaCores;
+    return autoAlgorithm(queries, patches, numQueries, channels, maxShared, &stages);
+}
+
+size_t contextAttentionWorkspaceBytes(int64_t frames, int32_t channels)
+{
+    return tensorCoreWorkspaceBytes(frames, channels);
+}
+
+template <typename T>
+cudaError_t launchContextAttention(T const* queries, T const* patches, T* context, int64_t frames,
+    int32_t numQueries, int32_t numPatches, int32_t channels, float scale, cudaStream_t stream, ScoreStorage storage,
+    Algorithm algorithm, void* workspace, size_t workspaceBytes)
+{
+    if (frames == 0)
+        return cudaSuccess;
+    if (frames < 0 || frames > INT_MAX || numQueries < 1 || numPatches < 1 || channels < 1 || !queries || !patches
+        || !context)
+        return cudaErrorInvalidValue;
+
+    int maxShared = 0;
+    cudaError_t status = sharedMemoryLimit(&maxShared);
+    if (status != cudaSuccess)
+        return status;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    {
+        bool supported = false;
+        int kernelArch = 0, deviceArch = 0;
+        status = bf16Support(&supported, &kernelArch, &deviceArch);
+        if (status != cudaSuccess)
+            return status;
+        if (!supported)
+            return cudaErrorNoKernelImageForDevice;
+    }
+
+    int stages = 0;
+    Algorithm const best = autoAlgorithm(queries, patches, numQueries, channels, maxShared, &stages);
+    if (algorithm == Algorithm::kTensorCores && best != Algorithm::kTensorCores)
+        return cudaErrorNotSupported;
+    if (algorithm == Algorithm::kCudaCores || best == Algorithm::kCudaCores)
+        return launchCudaCores(
+            queries, patches, context, frames, numQueries, numPatches, channels, scale, maxShared, stream, storage);
+    if constexpr (kSixteenBit<T>)
+        return launchTensorCores(queries, patches, context, frames, numQueries, numPatches, channels, scale, stages,
+            workspace, workspaceBytes, stream);
+    return cudaErrorNotSupported; // not reached: fp32 always takes the CUDA cores
+}
+
+#define LLAMAVID_CA_INSTANTIATE(T)                                                                                   \
+    template cudaError_t launchContextAttention<T>(T const*, T const*, T*, int64_t, int32_t, int32_t, int32_t, float, \
+        cudaStream_t, ScoreStorage, Algorithm, void*, size_t);                                                        \
+    template Algorithm chooseAlgorithm<T>(T const*, T const*, int32_t, int32_t);
+LLAMAVID_CA_INSTANTIATE(float)
+LLAMAVID_CA_INSTANTIATE(__half)
+LLAMAVID_CA_INSTANTIATE(__nv_bfloat16)
+#undef LLAMAVID_CA_INSTANTIATE
 
 } // namespace ca
 } // namespace llamavid

@@ -1,15 +1,22 @@
-// ContextAttention arithmetic shared by the CUDA kernel and the host build.
+// ContextAttention arithmetic shared by the CUDA kernels and the host build.
 //
 //   s[q,n]   = scale * dot(queries[q,:], patches[n,:])        fp32 accumulation
 //   a[q,:]   = softmax_n(s[q,:])                              max-subtracted
-//   w[n]     = (1/Q) * sum_q a[q,n]
-//   ctx[c]   = sum_n w[n] * patches[n,c]
+//   ctx[c]   = (1/Q) sum_q sum_n a[q,n] * patches[n,c]
+//
+// Two algorithms compute it (README.md):
+//   CUDA cores    w[n] = (1/Q) sum_q a[q,n] from the row max / exp-sum, then ctx = sum_n w[n] p[n,:]
+//   tensor cores  one pass over kTcTileN-patch tiles with an online softmax per query (base 2):
+//                 t = log2(e) * s, running max m (raised lazily) and sum l, e = 2^(t - m) rounded
+//                 to the input type (the tensor cores multiply 16-bit operands),
+//                 acc[q,:] = acc * 2^(m_old - m) + e p, ctx = (1/Q) sum_q acc[q,:] / l[q]
 //
 // Everything here is __host__ __device__ and compiles with plain g++ when __CUDACC__ is not
-// defined: then the qualifiers vanish and `Half` is a 16-bit host type whose conversions round
-// exactly like __half (round to nearest, ties to even). The kernel (contextAttentionKernel.cu)
-// and the host loop (contextAttentionHost.cpp) call these same functions, so the CPU tests
-// check the arithmetic the GPU runs; only the thread layout differs.
+// defined: then the qualifiers vanish and `Half` / `BFloat16` are 16-bit host types whose
+// conversions round exactly like __half / __nv_bfloat16 (round to nearest, ties to even). The
+// kernels and the host loops (contextAttentionHost.cpp) call these same functions, so the CPU tests
+// check the arithmetic the GPU runs; only the thread layout (and the order of the fp32 sums that
+// the tensor cores form) differs.
 #pragma once
 
 #include <cmath>
@@ -17,6 +24,7 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define CA_HD __host__ __device__ __forceinline__
 #else
@@ -45,6 +53,45 @@ CA_HD size_t sharedBytes(int numQueries, int numPatches, bool keepScores)
     size_t const scores = keepScores ? size_t(numQueries) * size_t(numPatches) : size_t(kTileQ) * kTileN;
     size_t const floats = size_t(kTileQ + kTileN) * kPitch + 2 * size_t(numQueries) + size_t(numPatches) + scores;
     return floats * sizeof(float);
+}
+
+// Tiling of the tensor-core kernel (contextAttentionTensorCore.cu): one block of kTcWarps warps
+// per frame; warp g owns channels [g * slice, (g + 1) * slice) of the queries and patches, for
+// both the scores (partial dot products, summed across warps) and its part of the output, and
+// query rows [4g, 4g + 4) of the online softmax.
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcMaxQueries = 32;                       // two 16-row mma tiles
+constexpr int kTcTileN = 16;                            // patches per step of the online softmax
+constexpr int kTcMaxSlice = 176;                        // channels per warp: 22 accumulator tiles of 8
+constexpr int kTcMaxChannels = kTcWarps * kTcMaxSlice;  // 1408, the released width
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Channels per warp for C channels: ceil(C / kTcWarps) rounded up to the mma's k of 16.
+CA_HD int tcSlice(int channels)
+{
+    int const perWarp = (channels + kTcWarps - 1) / kTcWarps;
+    return (perWarp + 15) / 16 * 16;
+}
+
+// Shared-memory layout of a tensor-core block, the same for every C (the loops always cover
+// kTcMaxSlice channels per warp; what a smaller C leaves is zeros): the queries
+// [32][kTcWarps * kTcMaxSlice], `stages` patch tiles [kTcWarps][kTcTileN][kTcMaxSlice] (rows
+// padded by 16 bytes: conflict-free ldmatrix), the warps' partial score tiles (fp32), the tile of
+// softmax numerators [32][kTcTileN] (T, rows padded), and per row alpha, then 1 / l (fp32).
+constexpr int kTcQueryPitch = kTcWarps * kTcMaxSlice * 2 + 16; // bytes per query row
+constexpr int kTcSlabPitch = kTcMaxSlice * 2 + 16;             // bytes per patch row of a warp's slab
+constexpr int kTcSlabBytes = kTcTileN * kTcSlabPitch;
+constexpr int kTcStageBytes = kTcWarps * kTcSlabBytes;
+
+constexpr int kTcNumeratorPitch = (kTcTileN + 8) * 2;          // bytes per row of the numerator tile
+
+CA_HD size_t tcSharedBytes(int stages)
+{
+    size_t const partial = size_t(kTcWarps) * kTcMaxQueries * kTcTileN * sizeof(float);
+    size_t const numerators = size_t(kTcMaxQueries) * kTcNumeratorPitch;
+    size_t const rows = 2 * kTcMaxQueries * sizeof(float); // alpha per row, then 1 / l per row
+    return size_t(kTcMaxQueries) * kTcQueryPitch + size_t(stages) * kTcStageBytes + partial + numerators + rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,16 +159,37 @@ CA_HD float halfBitsToFloat(uint16_t h)
     return bitsToFloat(sign | (e << 23) | ((mant & 0x3ffu) << 13));
 }
 
+// bfloat16 is the top half of a float32: round to nearest even on the 16 dropped bits.
+CA_HD uint16_t floatToBf16Bits(float x)
+{
+    uint32_t const bits = floatBits(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) // NaN: a quiet NaN of the same sign
+        return uint16_t((bits >> 16) | 0x40u);
+    return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+CA_HD float bf16BitsToFloat(uint16_t h)
+{
+    return bitsToFloat(uint32_t(h) << 16);
+}
+
 #if defined(__CUDACC__)
 using Half = __half;
+using BFloat16 = __nv_bfloat16;
 CA_HD float toFloat(Half x) { return __half2float(x); }
+CA_HD float toFloat(BFloat16 x) { return __bfloat162float(x); }
 #else
 struct Half
 {
     uint16_t bits;
 };
-static_assert(sizeof(Half) == 2, "Half must be 16 bits");
+struct BFloat16
+{
+    uint16_t bits;
+};
+static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "Half and BFloat16 must be 16 bits");
 CA_HD float toFloat(Half x) { return halfBitsToFloat(x.bits); }
+CA_HD float toFloat(BFloat16 x) { return bf16BitsToFloat(x.bits); }
 #endif
 
 CA_HD float toFloat(float x) { return x; }
@@ -143,6 +211,23 @@ CA_HD Half fromFloat<Half>(float x)
 #else
     return Half{floatToHalfBits(x)};
 #endif
+}
+
+template <>
+CA_HD BFloat16 fromFloat<BFloat16>(float x)
+{
+#if defined(__CUDACC__)
+    return __float2bfloat16_rn(x);
+#else
+    return BFloat16{floatToBf16Bits(x)};
+#endif
+}
+
+// x rounded to T and back: the value a T operand of the tensor cores holds.
+template <typename T>
+CA_HD float roundTo(float x)
+{
+    return toFloat(fromFloat<T>(x));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,6 +298,38 @@ CA_HD float weightedSumRange(float acc, float const* w, T const* p, int begin, i
     for (int n = begin; n < end; ++n)
         acc = fmaf(w[n], toFloat(p[size_t(n) * stride]), acc);
     return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online softmax of the tensor-core algorithm (scores t in base 2: t = log2(e) * scale * dot)
+// ---------------------------------------------------------------------------------------------
+// The running max m of a row moves only when a tile's largest score exceeds it by more than
+// kTcMaxGap (base 2), so most tiles need no rescale of the accumulators; until then the
+// numerators 2^(t - m) stay within [0, 2^kTcMaxGap] (fp16 and bf16 hold them, the relative
+// rounding is the same). The result is the same softmax: m is any reference the numerators
+// and the sum share.
+constexpr float kTcMaxGap = 8.f;
+
+// Raises the running max m to cover a tile whose largest score is tileMax (lazily, above);
+// returns alpha = 2^(m_old - m_new), the factor that rescales the row's running sum and
+// accumulators: 1 when m stays, 0 on the first tile (m_old = -inf). A tile always holds at least
+// one real patch.
+CA_HD float raiseRunningMax(float& m, float tileMax)
+{
+    if (!(tileMax > m + kTcMaxGap))
+        return 1.f;
+    float const alpha = exp2f(m - tileMax);
+    m = tileMax;
+    return alpha;
+}
+
+// The softmax numerator 2^(t - m) of one score, as the T operand the weighted sum multiplies.
+// Masked scores (-inf: patches past N) give 0. The running sum adds these rounded values, so
+// the weights a row applies sum to 1 up to fp32 rounding.
+template <typename T>
+CA_HD float softmaxNumerator(float t, float m)
+{
+    return roundTo<T>(exp2f(t - m));
 }
 
 } // namespace ca

@@ -138,19 +138,45 @@ void checkShapes(Dims const& queries, Dims const& patches)
     checkUser(queries.d[1] != 0 && queries.d[2] != 0 && patches.d[1] != 0, "Q, N and C must be >= 1" + both);
 }
 
-void checkTypes(DataType queries, DataType patches, DataType context)
+// Empty when this library runs bfloat16 on the current device, else why not and what to do.
+std::string bf16Unsupported()
 {
-    checkUser(queries == DataType::kFLOAT || queries == DataType::kHALF,
-        std::string("inputs must be float32 or float16, got queries ") + toString(queries));
+    bool supported = false;
+    int kernelArch = 0, deviceArch = 0;
+    cudaError_t const status = ca::bf16Support(&supported, &kernelArch, &deviceArch);
+    if (status != cudaSuccess)
+        return std::string("bfloat16 needs an sm_80+ GPU to run on, and asking the CUDA runtime for one failed with ")
+            + cudaGetErrorName(status) + ": run where one is, or use float16 or float32";
+    if (supported)
+        return "";
+    std::string const built = kernelArch ? "compute_" + std::to_string(kernelArch) : "no architecture this device runs";
+    return "bfloat16 needs kernels built for sm_80 or newer running on an sm_80+ GPU; this library's kernels for the "
+           "device (sm_"
+        + std::to_string(deviceArch) + ") are " + built
+        + ": rebuild with python -m kernels.build --arch 80,87,89,90 (sm_80+ GPUs), or use float16 or float32";
+}
+
+// deviceChecks: also ask the device whether this build runs the type (bfloat16); enqueue skips
+// the query and reports the launcher's cudaErrorNoKernelImageForDevice instead.
+void checkTypes(DataType queries, DataType patches, DataType context, bool deviceChecks = true)
+{
+    checkUser(queries == DataType::kFLOAT || queries == DataType::kHALF || queries == DataType::kBF16,
+        std::string("inputs must be float32, float16 or bfloat16, got queries ") + toString(queries));
     checkUser(patches == queries && context == queries,
         std::string("queries, patches and context must share one type, got ") + toString(queries) + ", "
             + toString(patches) + ", " + toString(context));
+    if (queries == DataType::kBF16 && deviceChecks)
+    {
+        std::string const why = bf16Unsupported();
+        checkUser(why.empty(), why);
+    }
 }
 
-void checkRuntime(PluginTensorDesc const& queries, PluginTensorDesc const& patches, PluginTensorDesc const& context)
+void checkRuntime(PluginTensorDesc const& queries, PluginTensorDesc const& patches, PluginTensorDesc const& context,
+    bool deviceChecks = true)
 {
     checkShapes(queries.dims, patches.dims);
-    checkTypes(queries.type, patches.type, context.type);
+    checkTypes(queries.type, patches.type, context.type, deviceChecks);
     checkUser(queries.dims.d[1] <= INT32_MAX && patches.dims.d[1] <= INT32_MAX && queries.dims.d[2] <= INT32_MAX,
         "Q, N and C must fit in int32: queries " + toString(queries.dims) + ", patches " + toString(patches.dims));
 }
@@ -287,9 +313,9 @@ bool ContextAttentionPlugin::supportsFormatCombination(
         if (pos < 0 || pos >= nbInputs + nbOutputs)
             throw std::logic_error("position " + std::to_string(pos) + " out of range");
         PluginTensorDesc const& desc = inOut[pos].desc;
-        bool const linearFloat
-            = desc.format == TensorFormat::kLINEAR && (desc.type == DataType::kFLOAT || desc.type == DataType::kHALF);
-        return linearFloat && (pos == 0 || desc.type == inOut[0].desc.type);
+        bool const type = desc.type == DataType::kFLOAT || desc.type == DataType::kHALF
+            || (desc.type == DataType::kBF16 && bf16Unsupported().empty());
+        return desc.format == TensorFormat::kLINEAR && type && (pos == 0 || desc.type == inOut[0].desc.type);
     }
     catch (...)
     {
@@ -301,6 +327,17 @@ bool ContextAttentionPlugin::supportsFormatCombination(
 int32_t ContextAttentionPlugin::getNbOutputs() const noexcept
 {
     return 1;
+}
+
+// The launcher's optional workspace for the profile's largest frame count (it lets few frames
+// use two blocks each); 0 where the dimensions are not known.
+size_t ContextAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    if (nbInputs < 1 || inputs[0].max.nbDims != 3 || inputs[0].max.d[0] < 0 || inputs[0].max.d[2] < 1
+        || inputs[0].max.d[2] > INT32_MAX)
+        return 0;
+    return ca::contextAttentionWorkspaceBytes(inputs[0].max.d[0], int32_t(inputs[0].max.d[2]));
 }
 
 int32_t ContextAttentionPlugin::onShapeChange(
@@ -319,24 +356,34 @@ int32_t ContextAttentionPlugin::onShapeChange(
 }
 
 int32_t ContextAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     try
     {
-        checkRuntime(inputDesc[0], inputDesc[1], outputDesc[0]);
+        checkRuntime(inputDesc[0], inputDesc[1], outputDesc[0], false);
         Dims const& q = inputDesc[0].dims; // [F, Q, C]
         Dims const& p = inputDesc[1].dims; // [F, N, C]
         int64_t const frames = q.d[0];
         auto const numQueries = int32_t(q.d[1]), numPatches = int32_t(p.d[1]), channels = int32_t(q.d[2]);
+        // TensorRT gives getWorkspaceSize bytes for the profile's max frames, >= what these frames use
+        size_t const workspaceBytes = workspace ? ca::contextAttentionWorkspaceBytes(frames, channels) : 0;
+        auto const automatic = ca::Algorithm::kAuto;
+        auto const storage = ca::ScoreStorage::kAuto;
         cudaError_t status = cudaSuccess;
         if (inputDesc[0].type == DataType::kFLOAT)
             status = ca::launchContextAttention(static_cast<float const*>(inputs[0]),
                 static_cast<float const*>(inputs[1]), static_cast<float*>(outputs[0]), frames, numQueries, numPatches,
-                channels, mScale, stream);
-        else
+                channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
+        else if (inputDesc[0].type == DataType::kHALF)
             status = ca::launchContextAttention(static_cast<__half const*>(inputs[0]),
                 static_cast<__half const*>(inputs[1]), static_cast<__half*>(outputs[0]), frames, numQueries,
-                numPatches, channels, mScale, stream);
+                numPatches, channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
+        else
+            status = ca::launchContextAttention(static_cast<__nv_bfloat16 const*>(inputs[0]),
+                static_cast<__nv_bfloat16 const*>(inputs[1]), static_cast<__nv_bfloat16*>(outputs[0]), frames,
+                numQueries, numPatches, channels, mScale, stream, storage, automatic, workspace, workspaceBytes);
+        if (status == cudaErrorNoKernelImageForDevice && inputDesc[0].type == DataType::kBF16)
+            throw UserError(bf16Unsupported());
         if (status != cudaSuccess)
             throw std::runtime_error(std::string("kernel launch failed: ") + cudaGetErrorName(status) + " ("
                 + cudaGetErrorString(status) + ") for queries " + toString(q) + ", patches " + toString(p));

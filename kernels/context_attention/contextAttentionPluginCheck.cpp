@@ -5,7 +5,10 @@
 // returns before any CUDA work). Built with g++ by tests/test_plugin_build.py:
 //
 //   g++ -std=c++17 -I<TensorRT include> -I<CUDA include> contextAttentionPluginCheck.cpp -ldl
-//   ./a.out path/to/libllamavid_trt_plugins.so        exit 0 when every check holds
+//   ./a.out path/to/libllamavid_trt_plugins.so [bf16]  exit 0 when every check holds
+//
+// "bf16": this machine's GPU runs the library's bfloat16 kernels (sm_80+ build and device), so
+// bf16 must be accepted; without it bf16 must be refused with the launcher's reason (no GPU here).
 #include <NvInferRuntime.h>
 
 #include <dlfcn.h>
@@ -193,7 +196,7 @@ void checkCreator(IPluginCreatorV3One* creator, CapturingLogger& logger)
     delete plugin;
 }
 
-void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger)
+void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger, bool bf16)
 {
     check(std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0, "build capability");
     check(build->getNbOutputs() == 1, "one output");
@@ -203,19 +206,26 @@ void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger)
         DynamicPluginTensorDesc io[3] = {dynamic(tensor(q, t0, f)), dynamic(tensor(p, t1, f)), dynamic(tensor(o, t2, f))};
         return build->supportsFormatCombination(pos, io, 2, 1);
     };
-    auto const F = DataType::kFLOAT, H = DataType::kHALF;
+    auto const F = DataType::kFLOAT, H = DataType::kHALF, B = DataType::kBF16;
     check(supports(F, F, F, 0) && supports(F, F, F, 1) && supports(F, F, F, 2), "fp32 linear supported");
     check(supports(H, H, H, 0) && supports(H, H, H, 1) && supports(H, H, H, 2), "fp16 linear supported");
-    check(!supports(F, H, H, 1) && !supports(H, H, F, 2), "mixed types rejected");
-    check(!supports(DataType::kINT32, F, F, 0) && !supports(DataType::kBF16, F, F, 0), "int32 / bf16 rejected");
+    check((supports(B, B, B, 0) && supports(B, B, B, 1) && supports(B, B, B, 2)) == bf16,
+        bf16 ? "bf16 linear supported" : "bf16 rejected without an sm_80+ GPU");
+    check(!supports(F, H, H, 1) && !supports(H, H, F, 2) && !supports(B, B, H, 2), "mixed types rejected");
+    check(!supports(DataType::kINT32, F, F, 0) && !supports(B, F, F, 1), "int32 / bf16 with fp32 rejected");
     check(!supports(H, H, H, 0, TensorFormat::kHWC8), "non-linear format rejected");
 
     DataType out = DataType::kINT8;
-    DataType const ff[2] = {F, F}, hh[2] = {H, H}, fh[2] = {F, H};
+    DataType const ff[2] = {F, F}, hh[2] = {H, H}, fh[2] = {F, H}, bb[2] = {B, B};
     check(build->getOutputDataTypes(&out, 1, ff, 2) == 0 && out == F, "output type follows fp32 inputs");
     check(build->getOutputDataTypes(&out, 1, hh, 2) == 0 && out == H, "output type follows fp16 inputs");
     check(build->getOutputDataTypes(&out, 1, fh, 2) != 0 && contains(logger.lastError(), "share one type"),
         "mixed input types fail: " + logger.lastError());
+    if (bf16)
+        check(build->getOutputDataTypes(&out, 1, bb, 2) == 0 && out == B, "output type follows bf16 inputs");
+    else
+        check(build->getOutputDataTypes(&out, 1, bb, 2) != 0 && contains(logger.lastError(), "bfloat16 needs"),
+            "bf16 without an sm_80+ GPU fails with the reason: " + logger.lastError());
 
     auto configure = [&](Dims dq, Dims dp, DataType t = DataType::kFLOAT) {
         DynamicPluginTensorDesc in[2] = {dynamic(tensor(dq, t)), dynamic(tensor(dp, t))};
@@ -223,6 +233,12 @@ void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger)
         return build->configurePlugin(in, 2, outDesc, 1);
     };
     check(configure(q, p) == 0, "configurePlugin accepts [-1,32,1408] x [-1,576,1408]");
+    {
+        DynamicPluginTensorDesc in[2] = {dynamic(tensor(dims3(64, 32, 1408))), dynamic(tensor(dims3(64, 576, 1408)))};
+        DynamicPluginTensorDesc outDesc[1] = {dynamic(tensor(dims3(64, 1, 1408)))};
+        check(build->getWorkspaceSize(in, 2, outDesc, 1) == size_t(64) * 2 * 1408 * sizeof(float),
+            "workspace: 2 fp32 partial contexts per frame of the profile's max");
+    }
     Dims rank2{};
     rank2.nbDims = 2;
     rank2.d[0] = 32;
@@ -233,8 +249,15 @@ void checkBuild(IPluginV3OneBuild* build, CapturingLogger& logger)
     check(configure(dims3(4, 32, 1408), dims3(5, 576, 1408)) != 0
             && contains(logger.lastError(), "frame counts F differ"),
         "F mismatch fails: " + logger.lastError());
-    check(configure(q, p, DataType::kINT32) != 0 && contains(logger.lastError(), "must be float32 or float16"),
+    check(configure(q, p, DataType::kINT32) != 0
+            && contains(logger.lastError(), "must be float32, float16 or bfloat16"),
         "int32 fails: " + logger.lastError());
+    if (bf16)
+        check(configure(q, p, B) == 0, "configurePlugin accepts bf16");
+    else
+        check(configure(q, p, B) != 0 && contains(logger.lastError(), "bfloat16 needs")
+                && contains(logger.lastError(), "float16 or float32"),
+            "configurePlugin refuses bf16 with the reason and what to do: " + logger.lastError());
 
     Builder builder;
     Expr runtimeF(-1), constF(4), q32(32), n576(576), c1408(1408), c1024(1024);
@@ -301,11 +324,12 @@ void checkRuntime(IPluginV3* plugin, IPluginCreatorV3One* creator)
 
 int main(int argc, char** argv)
 {
-    if (argc != 2)
+    if (argc < 2 || argc > 3 || (argc == 3 && std::strcmp(argv[2], "bf16") != 0))
     {
-        std::fprintf(stderr, "usage: %s libllamavid_trt_plugins.so\n", argv[0]);
+        std::fprintf(stderr, "usage: %s libllamavid_trt_plugins.so [bf16]\n", argv[0]);
         return 2;
     }
+    bool const bf16 = argc == 3;
     void* library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
     if (!library)
     {
@@ -347,7 +371,7 @@ int main(int argc, char** argv)
                     && std::strcmp(core->getPluginNamespace(), "llamavid") == 0,
                 "core capability names the plugin");
             checkBuild(static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD)),
-                logger);
+                logger, bf16);
             checkRuntime(plugin, creator);
             IPluginV3* copy = plugin->clone();
             check(copy != nullptr, "clone");
