@@ -4,10 +4,21 @@
         --target tensorrt (or auto, with TensorRT and a CUDA device here) -> [engines] -> manifest.json again
         --target tensorrt (or auto, with TensorRT-LLM and a GPU here) -> [trtllm: llm/trtllm, llm/hf, plan, engine]
     each stage: build key = sha256(checkpoint files, options, exporter and reference sources, versions);
-                unchanged key + intact files -> skipped; else written in .staging/ and moved in place.
+                unchanged key + intact files -> taken over (hard links); else exported into .staging/ and moved in.
     engines:    export/trt.py's plan (checked on CPU first) -> vision/head engines, listed first in their
                 stages' variants; key = sha256(source ONNX files, plan, TensorRT version, GPU SM), so a
                 re-run with the same key keeps the engines. Until then manifest.json lists the ONNX stages.
+
+The output directory (--out DIR) is only ever complete: the old artifacts or the new ones, never a mix.
+    .DIR.build/lock    flock held by the running build (a second build refuses at once; the OS drops the
+                       lock when a build dies, however it dies)
+    .DIR.build/next/   the new artifact directory being built: unchanged stages hard-linked from DIR, the
+                       others exported; a killed build leaves it, and the next build resumes from it
+    swap               next/ takes DIR's place in one step (renameat2 RENAME_EXCHANGE on Linux; elsewhere two
+                       renames that the next build completes if it was killed between them); the old
+                       artifacts are deleted, then .DIR.build/ when nothing is left in it.
+    DIR must be absent, empty, or an artifact directory holding only what export.build wrote (manifest.json,
+    .build/ records and the files they list): the build deletes or overwrites nothing of anyone else's.
 
 What "precision" means per backend (the manifest records it per variant; the table printed at the
 end says what runs here):
@@ -24,17 +35,21 @@ end says what runs here):
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import hashlib
 import importlib.metadata
 import json
+import os
+import re
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import llamavid_ref
-from runtime.manifest import (FRAME_CHUNK, FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, kv_names, sha256,
-                              stage_io, write_manifest)
+from runtime.manifest import (FRAME_CHUNK, FORMAT, MANIFEST_VERSION, OPENVINO_PRECISION, hash_files, kv_names,
+                              safe_path, sha256, stage_io, write_manifest)
 
 from . import common, trt, trtllm
 from .head import PLUGIN, export_head
@@ -43,7 +58,9 @@ from .vision import export_vision
 
 PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
 HEAD_FORM = "keys"        # the reference form; "folded" measured no faster at 7B shapes (docs/BENCHMARKS.md)
-STATE = ".build"          # per-stage build records
+STATE = ".build"          # per-stage build records, inside the artifact directory
+# temporaries a killed writer leaves in an artifact directory (.staging of builds before the swap, .X.tmp-PID)
+LEFTOVER = re.compile(r"\.staging|manifest\.json\.tmp|\..+\.tmp(-\d+)?")
 SOURCE_DIRS = (Path(__file__).parent, Path(llamavid_ref.__file__).parent)   # the exporters and the modules they trace
 
 
@@ -189,52 +206,69 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     resolved = resolve_target(target, log)
     ckpt_root = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL_DIR
     name = ckpt_root.resolve().name if checkpoint is not None else "llamavid-default"
-    out = Path(out) if out is not None else Path("artifacts") / name
-    log(f"[build] loading {ckpt_root}")
-    model = llamavid_ref.load(checkpoint)
-    key = build_key(ckpt_root, {"precision": precision, "target": resolved})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATE).mkdir(exist_ok=True)
-    variants, files = {}, {}
-    for i, (stage, fn) in enumerate(STEPS, 1):
-        prev = _unchanged(out, stage, key)
-        if prev:
-            log(f"[build] {i}/{len(STEPS)} {stage}: unchanged, skipped")
-        else:
-            log(f"[build] {i}/{len(STEPS)} {stage}: exporting ...")
-            staging = out / ".staging"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            try:
-                stage_variants = fn(model, staging, precision)
-            except Exception:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            names = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()]
-            for n in names:
-                (out / n).parent.mkdir(parents=True, exist_ok=True)
-                (staging / n).replace(out / n)
-            shutil.rmtree(staging)
-            prev = _record(out, stage, {"key": key, "files": hash_files(out, names), "variants": stage_variants})
-            log(f"[build] {i}/{len(STEPS)} {stage}: wrote {', '.join(sorted(names))}")
-        files.update(prev["files"])
-        if stage in ("vision", "head", "llm"):
-            variants[stage] = prev["variants"]
-    source = str(ckpt_root.resolve()) if checkpoint is not None else None
-    manifest = make_manifest(model, name, precision, target, resolved, key, variants, files, source)
-    write_manifest(out, manifest)
-    if resolved == "tensorrt":
-        manifest = step_engines(out, manifest, log)
-    if target == "tensorrt" or trtllm.engine_missing() is None:
-        manifest = step_trtllm(out, manifest, model, precision, log)
+    out = (Path(out) if out is not None else Path("artifacts") / name).resolve()
+    with BuildLock(out) as ws:
+        check_out(out)
+        _recover(out, ws)
+        log(f"[build] loading {ckpt_root}")
+        model = llamavid_ref.load(checkpoint)
+        key = build_key(ckpt_root, {"precision": precision, "target": resolved})
+        new = ws / "next"
+        try:
+            (new / STATE).mkdir(parents=True, exist_ok=True)
+            variants, files = {}, {}
+            for i, (stage, fn) in enumerate(STEPS, 1):
+                prev = _reuse(new, out, stage, key)
+                if prev:
+                    log(f"[build] {i}/{len(STEPS)} {stage}: unchanged, skipped")
+                else:
+                    log(f"[build] {i}/{len(STEPS)} {stage}: exporting ...")
+                    prev = _export(new, stage, fn, model, precision, key)
+                    log(f"[build] {i}/{len(STEPS)} {stage}: wrote {', '.join(sorted(prev['files']))}")
+                files.update(prev["files"])
+                if stage in ("vision", "head", "llm"):
+                    variants[stage] = prev["variants"]
+            source = str(ckpt_root.resolve()) if checkpoint is not None else None
+            manifest = make_manifest(model, name, precision, target, resolved, key, variants, files, source)
+            write_manifest(new, manifest)
+            steps, failed = [s for s, _ in STEPS], None
+            try:                                    # on failure the ONNX stages still go in place, as the message says
+                if resolved == "tensorrt":
+                    manifest, steps = step_engines(new, manifest, log, live=out), steps + ["engines"]
+                if target == "tensorrt" or trtllm.engine_missing() is None:
+                    manifest, steps = step_trtllm(new, manifest, model, precision, log, live=out), steps + ["trtllm"]
+            except BuildError as e:
+                failed = e
+            _prune(new, {"manifest.json", *manifest["files"], *(f"{STATE}/{s}.json" for s in steps)})
+            _swap(new, out, ws)
+        except Exception:                           # a failed build leaves nothing; a killed one, next/ to resume
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+    if failed:
+        raise failed
     log(f"[build] wrote {out / 'manifest.json'}")
     log(plan_table(manifest))
     return out
 
 
-def step_engines(out: Path, manifest: dict, log=print) -> dict:
+def _export(new: Path, stage: str, fn, model, precision: str, key: str) -> dict:
+    """Run one stage into new/.staging, move its files into `new`, record them."""
+    staging = new / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    stage_variants = fn(model, staging, precision)
+    names = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
+    for n in names:
+        (new / n).parent.mkdir(parents=True, exist_ok=True)
+        (staging / n).replace(new / n)
+    shutil.rmtree(staging)
+    return _record(new, stage, {"key": key, "files": hash_files(new, names), "variants": stage_variants})
+
+
+def step_engines(out: Path, manifest: dict, log=print, live: Path | None = None) -> dict:
     """The vision and head engines (export/trt.py, default limits: what the runtime asks for), recorded in
-    manifest.json; skipped, the recorded engines kept, while engines_key is unchanged. -> the new manifest."""
+    manifest.json; skipped, the recorded engines kept (in `out`, or taken over from the `live` directory),
+    while engines_key is unchanged. -> the new manifest."""
     plan = trt.make_plan(out, manifest)
     checks = trt.check_plan(plan)
     failed = [c for c in checks if not c.ok]
@@ -244,7 +278,7 @@ def step_engines(out: Path, manifest: dict, log=print) -> dict:
                          f"calibration cache: python -m export.trt --artifacts {out} --max-frames N --max-text N "
                          f"--calibration-cache FILE")
     key = engines_key(plan, manifest)
-    prev = _unchanged(out, "engines", key)
+    prev = _reuse(out, live, "engines", key)
     if prev:
         log("[build] engines: unchanged, skipped")
     else:
@@ -258,7 +292,7 @@ def step_engines(out: Path, manifest: dict, log=print) -> dict:
     return json.loads(trt.record_engines(plan, prev["built_with"]).read_text())
 
 
-def step_trtllm(out: Path, manifest: dict, model, precision: str, log=print) -> dict:
+def step_trtllm(out: Path, manifest: dict, model, precision: str, log=print, live: Path | None = None) -> dict:
     """The LLM for TensorRT-LLM (export/trtllm.py) in llm/: the TensorRT-LLM and HF checkpoints, the trtllm-build
     plan and, where TensorRT-LLM and a GPU are, the engine; recorded first in the llm stage's variants (the runtime
     takes it only where the trtllm backend runs). Skipped while its key is unchanged. -> the new manifest."""
@@ -269,7 +303,7 @@ def step_trtllm(out: Path, manifest: dict, model, precision: str, log=print) -> 
         raise BuildError(f"TensorRT-LLM plan: {'; '.join(failed)} (manifest.json lists the ONNX stages)")
     missing = trtllm.engine_missing()
     key = hashlib.sha256(json.dumps([manifest["build"]["key"], asdict(plan), missing]).encode()).hexdigest()
-    prev = _unchanged(out, "trtllm", key)
+    prev = _reuse(out, live, "trtllm", key)
     if prev:
         log("[build] trtllm: unchanged, skipped")
     else:
@@ -304,20 +338,181 @@ def engines_key(plan, manifest: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# ---- build records and the output directory -------------------------------------------------------
 def _unchanged(out: Path, step: str, key: str) -> dict | None:
-    """The step's build record when it was built with `key` and its files are intact, else None."""
-    path = out / STATE / f"{step}.json"
-    prev = json.loads(path.read_text()) if path.is_file() else None
-    return prev if prev and prev["key"] == key and _intact(out, prev["files"]) else None
+    """The step's build record when it was built with `key` and its files are intact, else None: a missing,
+    unreadable or corrupt record counts as a step not done."""
+    try:
+        prev = json.loads((out / STATE / f"{step}.json").read_text())
+        return prev if prev["key"] == key and _intact(out, prev["files"]) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _reuse(new: Path, live: Path | None, step: str, key: str) -> dict | None:
+    """The step's record in `new` (a resumed build), else the live directory's with its files hard-linked
+    into `new` (hard links are safe: nothing is ever written in place, files are replaced by renames)."""
+    prev = _unchanged(new, step, key)
+    if prev or live is None:
+        return prev
+    prev = _unchanged(live, step, key)
+    if prev:
+        for n in prev["files"]:
+            dst = new / n
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(live / n, dst)
+            except OSError:                       # no hard links on this file system
+                shutil.copy2(live / n, dst)
+        _record(new, step, prev)
+    return prev
 
 
 def _record(out: Path, step: str, record: dict) -> dict:
-    (out / STATE / f"{step}.json").write_text(json.dumps(record, indent=1))
+    """Write a build record atomically (a temporary file renamed over it)."""
+    path = out / STATE / f"{step}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
     return record
 
 
 def _intact(out: Path, files: dict) -> bool:
-    return all((out / n).is_file() and sha256(out / n) == h for n, h in files.items())
+    return all(safe_path(out, n).is_file() and sha256(safe_path(out, n)) == h for n, h in files.items())
+
+
+def _workspace(out: Path) -> Path:
+    return out.parent / f".{out.name}.build"
+
+
+class BuildLock:
+    """Exclusive use of --out for one build: flock on .DIR.build/lock, released by the OS when the build
+    ends however it ends. A second build refuses at once and names the first one's pid. -> the workspace."""
+
+    def __init__(self, out: Path):
+        self.out, self.ws, self.fd = out, _workspace(out), None
+
+    def __enter__(self) -> Path:
+        import fcntl
+        if self.out.exists() and not self.out.is_dir():
+            raise BuildError(f"--out {self.out}: expected a folder for the artifacts, found a file; nothing was written")
+        while self.fd is None:
+            self.ws.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.ws / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:            # a build finishing just now removed the workspace
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise BuildError(f"--out {self.out}: another build (pid {holder}) is writing it; wait for it to "
+                                 f"finish, or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.ws / "lock").st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:                                # we locked a file that a finishing build had just removed
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self.ws
+
+    def __exit__(self, *exc):
+        if not any(p.name != "lock" for p in self.ws.iterdir()):    # nothing left to resume: remove it all
+            (self.ws / "lock").unlink(missing_ok=True)
+            self.ws.rmdir()
+        os.close(self.fd)
+
+
+def _written_by_build(out: Path) -> set[str] | None:
+    """The paths in `out` that export.build wrote: manifest.json, the build records and the files they list;
+    None when `out` holds neither a manifest of this format nor a build record (not an artifact directory)."""
+    ours = set()
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        if isinstance(m, dict) and m.get("format") == FORMAT:
+            ours |= {"manifest.json", *(m.get("files") if isinstance(m.get("files"), dict) else {})}
+    except (OSError, ValueError):
+        pass
+    records = sorted((out / STATE).glob("*.json")) if (out / STATE).is_dir() else []
+    for path in records:
+        try:
+            ours |= {f"{STATE}/{path.name}", *json.loads(path.read_text())["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return ours or None
+
+
+def check_out(out: Path):
+    """--out must be absent, empty, or an artifact directory holding nothing export.build did not write."""
+    if not out.is_dir():
+        return
+    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    ours = _written_by_build(out)
+    if ours is not None:
+        ours |= {str(parent) for n in ours for parent in Path(n).parents}
+        entries = [e for e in entries if e not in ours and e.split("/")[0] != STATE
+                   and not LEFTOVER.fullmatch(e.split("/")[0])]
+    if entries:
+        what = "an artifact directory with" if ours is not None else "a folder that is no artifact directory, with"
+        raise BuildError(f"--out {out}: expected an empty folder or an artifact directory written by python -m "
+                         f"export.build, found {what} {len(entries)} path(s) export.build did not write "
+                         f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); nothing was changed: "
+                         f"move them away or choose another --out")
+
+
+def _prune(new: Path, keep: set[str]):
+    """Delete what `new` (the build's own) holds beyond `keep`: files of earlier attempts or other precisions."""
+    for p in sorted(new.rglob("*"), key=lambda p: -len(p.parts)):         # deepest first
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.relative_to(new).as_posix() not in keep:
+            p.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or file system has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap(new: Path, out: Path, ws: Path):
+    """Put the finished `new` at `out` in one step and delete the artifacts it replaces."""
+    if not out.exists():
+        new.rename(out)
+    elif _exchange(new, out):
+        shutil.rmtree(new)
+    else:
+        out.rename(ws / "old")                   # killed here: _recover puts it back
+        new.rename(out)
+        shutil.rmtree(ws / "old")
+
+
+def _recover(out: Path, ws: Path):
+    """After a build killed between the two renames of a swap without RENAME_EXCHANGE: the previous
+    artifacts (ws/old) go back to `out` if nothing is there, else they are deleted."""
+    old = ws / "old"
+    if old.is_dir():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(out)
 
 
 def prompt_section(cfg) -> dict:
@@ -392,9 +587,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         build(a.checkpoint, a.precision, a.out, a.target)
-    except (BuildError, ValueError, FileNotFoundError) as e:
+    except (BuildError, ValueError, OSError) as e:      # ValueError: CheckpointError, ManifestError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: --out holds the artifacts it held before; the next build resumes", file=sys.stderr)
+        return 130
     return 0
 
 
