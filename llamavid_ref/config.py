@@ -8,10 +8,13 @@
 
 Sizes the released config.json does not state (vision and Q-Former widths, depths, vocab) are
 filled in by checkpoint.py from the tensor shapes; head counts default to the released values.
+problems(cfg) checks every size against LIMITS (and the head counts against the widths) before a model is
+allocated: a config.json with absurd sizes is refused, not attempted.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -126,10 +129,16 @@ class LlamaVidConfig:
     def from_dict(cls, d: dict) -> "LlamaVidConfig":
         """Inverse of to_dict (the project format); unknown keys are ignored."""
         parts = {"vision": VisionConfig, "qformer": QFormerConfig, "head": HeadConfig, "llm": LLMConfig}
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected an object, found {type(d).__name__}")
+        for name in parts:
+            if not isinstance(d.get(name, {}), dict):
+                raise ValueError(f"config.{name}: expected an object, found {type(d[name]).__name__}")
         top = _from_dict(cls, {k: v for k, v in d.items() if k not in parts})
         for name, sub in parts.items():
             setattr(top, name, _from_dict(sub, d.get(name, {})))
-        top.image_mean, top.image_std = tuple(top.image_mean), tuple(top.image_std)
+        if isinstance(top.image_mean, list) and isinstance(top.image_std, list):
+            top.image_mean, top.image_std = tuple(top.image_mean), tuple(top.image_std)
         return top
 
     @classmethod
@@ -138,8 +147,9 @@ class LlamaVidConfig:
         m = re.search(r"(\d+)/?$", str(hf.get("image_processor", "")))     # ".../clip-patch14-336"
         size = int(m.group(1)) if m else 224
         scaling = hf.get("rope_scaling") or {}
-        if scaling and scaling.get("type", "linear") != "linear":
-            raise ValueError(f"rope_scaling: expected type 'linear', found {scaling!r}")
+        if not isinstance(scaling, dict) or (scaling and scaling.get("type", "linear") != "linear") \
+                or type(scaling.get("factor", 1.0)) not in (int, float):
+            raise ValueError(f"rope_scaling: expected null or {{'type': 'linear', 'factor': number}}, found {scaling!r}")
         heads = hf.get("num_attention_heads", 32)
         llm = LLMConfig(
             vocab_size=hf.get("vocab_size", 32000), hidden=hf.get("hidden_size", 4096),
@@ -161,6 +171,80 @@ class LlamaVidConfig:
             image_aspect_ratio=hf.get("image_aspect_ratio", "pad"),
             max_token=hf.get("max_token", 2048),
         )
+
+
+# ---- validation (before anything is allocated) ---------------------------------------------------
+# Integer fields: (min, max). The bounds sit far above every released LLaMA-VID (13B, 336 px, 64K positions)
+# and refuse what no machine could allocate; checkpoint.py also compares the memory the model needs with
+# what this machine has.
+LIMITS = {
+    "vision.image_size": (1, 4096), "vision.patch_size": (1, 1024), "vision.width": (1, 16384),
+    "vision.depth": (1, 256), "vision.heads": (1, 1024), "vision.mlp_dim": (1, 1 << 17),
+    "qformer.hidden": (1, 16384), "qformer.layers": (1, 256), "qformer.heads": (1, 1024), "qformer.ffn": (1, 1 << 17),
+    "qformer.vocab_size": (1, 1 << 20), "qformer.max_positions": (1, 1 << 16), "qformer.cross_attention_freq": (1, 256),
+    "qformer.num_query": (1, 4096), "qformer.max_text_len": (1, 1 << 16),
+    "llm.vocab_size": (1, 1 << 20), "llm.hidden": (1, 1 << 16), "llm.layers": (1, 1024), "llm.heads": (1, 1024),
+    "llm.kv_heads": (1, 1024), "llm.ffn": (1, 1 << 18), "llm.max_positions": (1, 1 << 22),
+    "llm.bos_id": (0, (1 << 20) - 1), "llm.eos_id": (0, (1 << 20) - 1), "llm.pad_id": (0, (1 << 20) - 1),
+    "max_token": (1, 1 << 22),
+}
+# Float fields: (low, high], finite.
+FLOAT_LIMITS = {"vision.eps": (0, 1), "qformer.eps": (0, 1), "head.ln_eps": (0, 1), "llm.eps": (0, 1),
+                "llm.rope_theta": (0, 1e12), "llm.rope_scaling": (0, 1e6)}
+# (width, heads): each head count must divide its width; the LLM's heads a multiple of its KV heads.
+DIVIDES = [("vision.width", "vision.heads"), ("qformer.hidden", "qformer.heads"), ("llm.hidden", "llm.heads"),
+           ("llm.heads", "llm.kv_heads")]
+
+
+def _get(cfg, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def problems(cfg: LlamaVidConfig) -> list[str]:
+    """One line per field of `cfg` outside its type or range (LIMITS, FLOAT_LIMITS, DIVIDES, choices)."""
+    from .templates import TEMPLATES
+    out = []
+    for path, (lo, hi) in LIMITS.items():
+        v = _get(cfg, path)
+        if type(v) is not int or not lo <= v <= hi:
+            out.append(f"{path}: expected an integer in [{lo}, {hi}], found {v!r}")
+    for path, (lo, hi) in FLOAT_LIMITS.items():
+        v = _get(cfg, path)
+        if type(v) not in (int, float) or not (math.isfinite(v) and lo < v <= hi):
+            out.append(f"{path}: expected a number in ({lo:g}, {hi:g}], found {v!r}")
+    if out:
+        return out                                    # the checks below need the sizes to be numbers
+    for width, heads in DIVIDES:
+        if _get(cfg, width) % _get(cfg, heads):
+            out.append(f"{heads}: expected a divisor of {width} ({_get(cfg, width)}), found {_get(cfg, heads)}")
+    for path in ("image_mean", "image_std"):
+        v = getattr(cfg, path)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)
+                and (path == "image_mean" or all(x > 0 for x in v))):
+            out.append(f"{path}: expected 3 finite numbers{' above 0' if path == 'image_std' else ''}, found {v!r}")
+    if cfg.vision.image_size < cfg.vision.patch_size:
+        out.append(f"vision.image_size: expected at least one patch ({cfg.vision.patch_size} px), found {cfg.vision.image_size}")
+    compress = cfg.head.compress_type
+    grid = re.fullmatch(r"grid:(\d+)", compress) if isinstance(compress, str) else None
+    if not (compress in (None, "mean") or (grid and 1 <= int(grid.group(1)) <= max(cfg.vision.grid, 1))):
+        out.append(f"head.compress_type: expected None, 'mean' or 'grid:k' with 1 <= k <= {cfg.vision.grid}, found {compress!r}")
+    if cfg.head.tokens not in ("both", "context", "content"):
+        out.append(f"head.tokens: expected 'both', 'context' or 'content', found {cfg.head.tokens!r}")
+    if not (isinstance(cfg.head.projector_type, str) and re.fullmatch(r"linear|mlp([1-9]\d?)x_gelu", cfg.head.projector_type)):
+        out.append(f"head.projector_type: expected 'linear' or 'mlpNx_gelu' (N < 100), found {cfg.head.projector_type!r}")
+    if cfg.template not in TEMPLATES:
+        out.append(f"template: expected one of {sorted(TEMPLATES)}, found {cfg.template!r}")
+    if not isinstance(cfg.image_aspect_ratio, str):
+        out.append(f"image_aspect_ratio: expected a string, found {cfg.image_aspect_ratio!r}")
+    if type(cfg.llm.tie_embeddings) is not bool:
+        out.append(f"llm.tie_embeddings: expected true or false, found {cfg.llm.tie_embeddings!r}")
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if getattr(cfg.llm, key) >= cfg.llm.vocab_size:
+            out.append(f"llm.{key}: expected an id below llm.vocab_size ({cfg.llm.vocab_size}), found {getattr(cfg.llm, key)}")
+    return out
 
 
 def _released(size: int, compress: str | None, llm: LLMConfig, max_token: int) -> LlamaVidConfig:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .checkpoint import load, save
+from .checkpoint import load_or_exit, save
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("src", help="released LLaMA-VID checkpoint directory (or a project-format one)")
     ap.add_argument("dst", help="output directory (config.json, model.safetensors, tokenizer files)")
@@ -15,12 +16,17 @@ def main(argv=None):
     ap.add_argument("--vision-heads", type=int, default=16)
     ap.add_argument("--qformer-heads", type=int, default=12)
     a = ap.parse_args(argv)
-    model = load(a.src, vision_tower=a.vision_tower, qformer_vocab=a.qformer_vocab,
-                 vision_heads=a.vision_heads, qformer_heads=a.qformer_heads)
-    out = save(model, a.dst)
+    model = load_or_exit(a.src, vision_tower=a.vision_tower, qformer_vocab=a.qformer_vocab,
+                         vision_heads=a.vision_heads, qformer_heads=a.qformer_heads)
+    try:
+        out = save(model, a.dst)
+    except OSError as e:
+        print(f"error: {a.dst}: expected a folder to write the checkpoint in, could not write it ({e})", file=sys.stderr)
+        return 2
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n / 1e6:.1f}M parameters, {model.config.tokens_per_frame} tokens per frame)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

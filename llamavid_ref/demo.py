@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checkpoint import DEFAULT_MODEL_DIR, load
+from .checkpoint import DEFAULT_MODEL_DIR, load_or_exit
 from .video import load_video, write_video
 
 
@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("question", nargs="?", help="default on the generated clip: How many shapes are there? (truth: 2)")
     a = ap.parse_args(argv)
     if a.checkpoint or (DEFAULT_MODEL_DIR / "config.json").is_file():
-        model, what = load(a.checkpoint), a.checkpoint or "the default model"
+        model, what = load_or_exit(a.checkpoint), a.checkpoint or "the default model"
     else:
         from .tiny import tiny_model
         model, what = tiny_model(Path(tempfile.mkdtemp())), "a tiny random-weight model (default model not built)"

@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .checkpoint import load
+from .checkpoint import load_or_exit
 from .video import load_video
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -77,13 +77,13 @@ def main(argv=None):
         print(pipeline.describe())
         preds = predict(greedy(pipeline), entries, Path(a.data))
     else:
-        preds = predict(greedy(load(a.checkpoint)), entries, Path(a.data))
+        preds = predict(greedy(load_or_exit(a.checkpoint)), entries, Path(a.data))
     result = score(preds)
     result.update(checkpoint=str(a.checkpoint or "default"), artifacts=a.artifacts, precision=a.precision, split=a.split,
                   seconds=round(time.perf_counter() - t0, 1))
     print(report(result))
     if a.artifacts and a.agreement:
-        ref = predict(greedy(load(a.checkpoint)), entries, Path(a.data))
+        ref = predict(greedy(load_or_exit(a.checkpoint)), entries, Path(a.data))
         same = sum(p[1] == r[1] for p, r in zip(preds, ref))
         result["identical_to_reference"] = same / max(len(ref), 1)
         print(f"answers identical to the reference: {same}/{len(ref)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load
+from .checkpoint import load_or_exit
 from .data import world
 from .video import load_video
 
@@ -53,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="a folder written by python -m llamavid_ref.data.world")
     ap.add_argument("--train-clips", type=int, help="use the first N training clips (default: all)")
     a = ap.parse_args(argv)
-    model, root = load(a.checkpoint), Path(a.data)
+    model, root = load_or_exit(a.checkpoint), Path(a.data)
     spec = json.loads((root / "world.json").read_text())       # clips are rebuilt from seed and counts
     counts, seed = spec["counts"], spec["seed"]
     if model.config.tokens_per_frame != 2:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load, save
+from .checkpoint import load, load_or_exit, save
 from .config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from .model import LlamaVid
 from .templates import Conversation
@@ -237,7 +237,7 @@ def main(argv=None):
                     help="parameter-name prefixes to train instead of the stage's (e.g. llm.)")
     a = ap.parse_args(argv)
     d = DEFAULTS[a.stage]
-    model = load(a.init)
+    model = load_or_exit(a.init)
     if a.rope_scaling:
         model.config.llm.rope_scaling = a.rope_scaling
         model.config.llm.max_positions = int(model.config.llm.max_positions * a.rope_scaling)

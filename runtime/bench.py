@@ -19,6 +19,7 @@ steps at the largest frame count: activations, arenas, KV cache; not the weights
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -233,13 +234,17 @@ def report_artifacts(r: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_MISSING = ("--plot: expected matplotlib, found it not installed; install it with pip install matplotlib==3.11.2 "
+                "(or pip install -e '.[bench]')")
+
+
 def plot_ttft(r: dict, path) -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        print(f"{PLOT_MISSING}: no plot written", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for side, label in (("ort", "ONNX Runtime pipeline"), ("torch", "PyTorch reference")):
@@ -578,6 +583,9 @@ def main(argv=None) -> int:
     if torch is None:
         print("error: runtime.bench compares the runtime with the PyTorch reference: expected torch, found none; "
               'pip install "llamavid-deploy[export]"', file=sys.stderr)
+        return 2
+    if a.plot and importlib.util.find_spec("matplotlib") is None:      # before minutes of measuring
+        print(f"error: {PLOT_MISSING}", file=sys.stderr)
         return 2
     if a.stream:
         from runtime.bench_stream import INGESTS, bench_stream, report

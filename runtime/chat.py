@@ -1,14 +1,62 @@
-"""python -m runtime.chat --artifacts DIR (--video PATH | --image PATH) ["question"]
+"""python -m runtime.chat --artifacts DIR (--video PATH | --image PATH | --text-only) ["question"]
 
 With a question: answer it (streamed) and exit. Without: an interactive multi-turn chat about the
 media (empty line or EOF ends it).
+
+What the command line accepts (anything else is a one-line error, exit status 2):
+    question        UTF-8 text, not empty, without the image placeholder ("<image>"): the video or image
+                    always goes before the question, so a placeholder typed in it would be a second one
+    --video PATH    a video file; an animated image (GIF, WebP, APNG) is refused here, since it would be
+                    read as a single image: convert it to a video first
+    --image PATH    an image; of an animated one, the first frame (said on stderr)
+    --text-only     no media: the LLM answers from the text alone (without it, no media is an error)
+    --manifest-sha256 HEX   refuse the artifacts unless manifest.json has this sha256 (tamper-evident)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .manifest import read_manifest
 from .pipeline import Pipeline
+
+
+def check_question(question: str, placeholder: str) -> str:
+    """The question as the pipeline takes it, or ValueError saying what is wrong with it."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:                  # undecodable argv / stdin bytes arrive as surrogates
+        raise ValueError(f"question: expected UTF-8 text, found bytes that are not UTF-8 at character {e.start + 1}; "
+                         f"check the terminal's encoding") from None
+    if not question.strip():
+        raise ValueError("question: expected a question, found an empty one (leave it out for an interactive chat)")
+    if placeholder in question:
+        raise ValueError(f"question: expected plain text, found the image placeholder {placeholder!r}: the video or "
+                         f"image goes before the question by itself; remove {placeholder!r} from the question")
+    return question
+
+
+def animated_frames(path) -> int:
+    """The frame count of an animated image at `path` (GIF, WebP, APNG), else 0 (a still image or not an image)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            n = getattr(img, "n_frames", 1)
+            return n if n > 1 else 0
+    except Exception:                                # not an image (a video, or unreadable): the pipeline says
+        return 0
+
+
+def check_media(a) -> str | None:
+    if not (a.video or a.image or a.text_only):
+        raise ValueError("expected --video PATH or --image PATH, found neither; pass --text-only to ask the LLM "
+                         "without media")
+    if a.video and (n := animated_frames(a.video)):
+        raise ValueError(f"--video {a.video}: expected a video file, found an animated image ({n} frames), which the "
+                         f"runtime reads as one image; convert it to a video first (e.g. ffmpeg -i {a.video} clip.mp4)")
+    if a.image and (n := animated_frames(a.image)):
+        print(f"[--image {a.image}: an animated image of {n} frames; its first frame is used]", file=sys.stderr)
+    return a.video or a.image
 
 
 def main(argv=None) -> int:
@@ -17,6 +65,7 @@ def main(argv=None) -> int:
     media = ap.add_mutually_exclusive_group()
     media.add_argument("--video")
     media.add_argument("--image")
+    media.add_argument("--text-only", action="store_true", help="no video or image: the LLM answers from the text")
     ap.add_argument("question", nargs="?")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--sample", action="store_true", help="top-p sampling (default: greedy)")
@@ -24,25 +73,34 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--manifest-sha256", help="expected sha256 of manifest.json (refuse the artifacts otherwise)")
     a = ap.parse_args(argv)
     sampling = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                     top_p=a.top_p, seed=a.seed)
     try:
+        # the pin and the manifest's own checks first (cheap); Pipeline.open then checks every file's hash
+        placeholder = read_manifest(a.artifacts, False, a.manifest_sha256)["prompt"]["image_placeholder"]
+        if a.question is not None:
+            check_question(a.question, placeholder)
+        path = check_media(a)
         pipe = Pipeline.open(a.artifacts, threads=a.threads)
         print(f"[{pipe.describe()}]", file=sys.stderr)
-        chat = pipe.chat(a.video or a.image)
-        questions = [a.question] if a.question else _prompts()
-        for q in questions:
+        chat = pipe.chat(path)
+        for q in [a.question] if a.question is not None else _prompts(placeholder):
             for piece in chat.ask_stream(q, **sampling):
                 print(piece, end="", flush=True)
             print()
-    except (ValueError, RuntimeError, FileNotFoundError) as e:       # VideoError and ManifestError included
+    except (ValueError, RuntimeError, OSError) as e:       # VideoError and ManifestError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 
-def _prompts():
+def _prompts(placeholder: str):
+    """Questions typed at the prompt; one that breaks check_question is reported and asked again."""
     while True:
         try:
             q = input("> ").strip()
@@ -50,7 +108,10 @@ def _prompts():
             return
         if not q:
             return
-        yield q
+        try:
+            yield check_question(q, placeholder)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

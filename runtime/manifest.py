@@ -441,12 +441,13 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     """Validate (schema, relations, every path inside root and present), then write manifest.json
     atomically: last, so a directory with a manifest is complete."""
     root = Path(root)
-    validate(manifest, f"{root / 'manifest.json'} (being written)")
+    text = json.dumps(manifest, indent=2) + "\n"
+    validate(json.loads(text), f"{root / 'manifest.json'} (being written)")        # what a reader will see
     for name in manifest["files"]:
         if not safe_path(root, name).is_file():
             raise ManifestError(f"artifacts {root}: 'files' lists {name}, which is not there")
     tmp = root / f".manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(root / "manifest.json")
     return root / "manifest.json"
 
