@@ -309,6 +309,17 @@ def available_memory() -> int | None:
     return have
 
 
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Skips normal_ while a model is built on the meta device: only shapes are needed, and loading normal_'s
+    meta kernel takes seconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "normal_":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _is_grid(n: int) -> bool:
     return n > 0 and round(n ** 0.5) ** 2 == n
 
@@ -316,7 +327,7 @@ def _is_grid(n: int) -> bool:
 def _allocate(cfg: LlamaVidConfig, sd: dict, root: Path) -> LlamaVid:
     """Strict: every tensor present, none unexpected, every shape right, floating point only, and the fp32
     model within this machine's memory, all checked on the meta device before the model is allocated."""
-    with torch.device("meta"):
+    with torch.device("meta"), _ShapesOnly():
         expected = LlamaVid(cfg).state_dict()
     if cfg.llm.tie_embeddings:
         sd.pop("llm.lm_head.weight", None)
@@ -332,9 +343,9 @@ def _allocate(cfg: LlamaVidConfig, sd: dict, root: Path) -> LlamaVid:
                                   f"bfloat16, float32 or float64), found {str(t.dtype).removeprefix('torch.')}")
     need, have = 4 * sum(t.numel() for t in expected.values()), available_memory()
     if have is not None and need > have:
-        raise CheckpointError(f"checkpoint {root}: the model needs {need / 2**30:.1f} GiB in fp32 "
-                              f"({need // 4 / 1e9:.2f}B parameters), this machine has {have / 2**30:.1f} GiB available; "
-                              f"load it on a machine with more memory")
+        raise CheckpointError(f"checkpoint {root}: expected a model that fits in this machine's available memory "
+                              f"({have / 2**30:.3g} GiB), found one that needs {need / 2**30:.3g} GiB in fp32 "
+                              f"({need // 4:,} parameters); load it on a machine with more memory")
     pos, want = sd.get("vision.pos_embed"), expected["vision.pos_embed"].shape          # [1,1+g*g,C]
     if pos is not None and pos.ndim == 3 and pos.shape[::2] == want[::2] and _is_grid(pos.shape[1] - 1):
         sd["vision.pos_embed"] = interpolate_pos_embed(pos.float(), cfg.vision.grid)   # 224 px table -> 336 px

@@ -235,7 +235,7 @@ def problems(cfg: LlamaVidConfig) -> list[str]:
         out.append(f"head.tokens: expected 'both', 'context' or 'content', found {cfg.head.tokens!r}")
     if not (isinstance(cfg.head.projector_type, str) and re.fullmatch(r"linear|mlp([1-9]\d?)x_gelu", cfg.head.projector_type)):
         out.append(f"head.projector_type: expected 'linear' or 'mlpNx_gelu' (N < 100), found {cfg.head.projector_type!r}")
-    if cfg.template not in TEMPLATES:
+    if not isinstance(cfg.template, str) or cfg.template not in TEMPLATES:
         out.append(f"template: expected one of {sorted(TEMPLATES)}, found {cfg.template!r}")
     if not isinstance(cfg.image_aspect_ratio, str):
         out.append(f"image_aspect_ratio: expected a string, found {cfg.image_aspect_ratio!r}")

@@ -326,7 +326,7 @@ def runtime_files(m: dict) -> list[tuple[str, str]]:
 def relations(m: dict) -> list[str]:
     """What ties the manifest's values together (run once SCHEMA holds); one line per broken relation."""
     p, ids, llm, tok = m["prompt"], m["special_ids"], m["llm"], m["tokenizers"]
-    problems = [f"{where}: {path} is read by the runtime but has no entry in 'files' (so no hash)"
+    problems = [f"{where}: expected {path}, which the runtime reads, listed in 'files' with its hash, found no entry"
                 for where, path in runtime_files(m) if path not in m["files"]]
     problems += [f"files: {problem}" for name in m["files"] if (problem := relative_path_problem(name))]
     for key in ("bos", "eos", "pad"):
@@ -373,7 +373,8 @@ def relations(m: dict) -> list[str]:
             if v.get("role") and stage != "llm":
                 problems.append(f"{where}: expected no role or role 'prefill' (llm only), found role {v['role']!r}")
             if v["backend"] == "ort-openvino" and v["precision"] != OPENVINO_PRECISION:
-                problems.append(f"{where}: ort-openvino runs {OPENVINO_PRECISION}, found precision {v['precision']!r}")
+                problems.append(f"{where}: expected precision {OPENVINO_PRECISION!r} (what ort-openvino runs), found "
+                                f"{v['precision']!r}")
             for name, dims in v.get("profile", {}).items():
                 shape = entry["inputs"].get(name, {}).get("shape")
                 if shape is None or any(len(dims[k]) != len(shape) for k in ("min", "opt", "max")):
@@ -405,7 +406,8 @@ def validate(m, where: str = "manifest.json") -> dict:
     if isinstance(stages, dict):
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
-            raise ManifestError(f"{where}: unknown stage(s) {unknown}; this runtime knows {list(STAGES)}")
+            raise ManifestError(f"{where}: expected the stages this runtime knows {list(STAGES)}, found unknown "
+                                f"stage(s) {unknown}")
         missing = [s for s in STAGES if s not in stages]
         if missing:
             raise ManifestError(f"{where}: expected stages {list(STAGES)}, found no {missing}")

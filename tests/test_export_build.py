@@ -197,7 +197,7 @@ def test_missing_file_version_and_unknown_stage(built, tmp_path):
         read_manifest(out)
     m["stages"]["audio"] = m["stages"]["vision"]
     (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match=r"unknown stage\(s\) \['audio'\]; this runtime knows \['vision', 'head', 'llm'\]"):
+    with pytest.raises(ManifestError, match=r"expected the stages this runtime knows \['vision', 'head', 'llm'\], found unknown stage\(s\) \['audio'\]"):
         read_manifest(out)
     with pytest.raises(ManifestError, match="expected manifest.json .* found nothing"):
         read_manifest(tmp_path / "nowhere")
@@ -207,7 +207,7 @@ def test_missing_file_version_and_unknown_stage(built, tmp_path):
     ("head", 0, {"role": "prefill"}, "stage head variant head.onnx: expected no role or role 'prefill' .llm only., "
                                       "found role 'prefill'"),
     ("llm", 0, {"role": "decode"}, r"stages.llm.variants\[0\].role: expected one of \['prefill'\], found the string 'decode'"),
-    ("vision", 0, {"precision": "fp16"}, "stage vision variant vision.onnx: ort-openvino runs bf16, found precision 'fp16'"),
+    ("vision", 0, {"precision": "fp16"}, "stage vision variant vision.onnx: expected precision 'bf16' .what ort-openvino runs., found 'fp16'"),
 ])
 def test_variant_roles_and_openvino_precision_are_checked(built, tmp_path, stage, index, change, message):
     out = copy_art(built[1], tmp_path)
