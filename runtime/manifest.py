@@ -35,7 +35,8 @@ naming what was expected and what was found (every problem found, on one line):
     4. RELATIONS (relations()): what ties values together (special ids inside the vocabulary, KV names
        and shapes from layers/kv_heads/head_dim, every file the runtime reads listed in "files", ...)
     5. every path in "files" resolves, symlinks included, inside dir (safe_path); with verify_hashes,
-       every file exists and has its sha256; the embedding table's .npy header is [vocab_size, hidden]
+       every file exists and has its sha256; a graph's external weights (<file>.onnx.data), where present,
+       are listed too; the embedding table's .npy header is [vocab_size, hidden]
 A runtime may rely on all of this having passed (the C core checks only what it needs to stay safe).
 write_manifest runs 2-5 (without hashes) before it writes, so export cannot write what read refuses.
 """
@@ -490,6 +491,10 @@ def read_manifest(root: Path, verify_hashes: bool = True, manifest_sha256: str |
             if got != want:
                 raise ManifestError(f"artifacts {root}: file {name} was modified: expected sha256 {want}, "
                                     f"found {got}; rebuild with python -m export.build")
+    for where, rel in runtime_files(m):                # ONNX Runtime also reads a graph's external weights
+        if rel.endswith(".onnx") and rel + ".data" not in m["files"] and safe_path(root, rel + ".data").exists():
+            raise ManifestError(f"artifacts {root}: {where}: expected {rel}.data (its external weights) listed in "
+                                f"'files' with its hash, found no entry")
     if safe_path(root, m["llm"]["embeddings"]).is_file():
         check_embeddings(root, m)
     return m

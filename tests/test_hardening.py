@@ -91,6 +91,14 @@ def test_row01_a_symlink_out_of_the_directory_is_refused(built, tmp_path):
         read_manifest(out, verify_hashes=False)
 
 
+def test_row01_a_graphs_external_weights_must_be_listed(built, tmp_path):
+    out = copy_art(built, tmp_path)
+    (out / "vision.onnx.data").write_bytes(b"weights ORT would read next to vision.onnx")
+    with pytest.raises(ManifestError, match=r"stages.vision.variants\[0\].file: expected vision.onnx.data .its external "
+                                            r"weights. listed in 'files' with its hash, found no entry"):
+        read_manifest(out)
+
+
 # ---- row 2: stage files that are absolute or climb out ------------------------------------------------
 @pytest.mark.parametrize("path", ["/etc/passwd", "../../vision.onnx", "llm/../../x.onnx"])
 def test_row02_absolute_and_dotdot_stage_files_are_refused_when_read_and_written(built, tmp_path, path):
