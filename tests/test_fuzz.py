@@ -2,7 +2,8 @@
 files, config.json) and the video loader fed random and mutated inputs. Every outcome must be a result or
 the loader's own clear error (a ValueError subclass with "expected" in it); anything else, a crash or a hang
 fails. Each target runs FUZZ_CASES cases (derandomized: the same cases on every run, so CI is
-reproducible; FUZZ_SEED=n explores others). A watchdog ends the process if a target hangs."""
+reproducible; FUZZ_SEED=n draws other cases, FUZZ_CASES=n another count). A watchdog ends the
+process if a target hangs."""
 import copy
 import faulthandler
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import llamavid_ref
@@ -30,6 +31,12 @@ FUZZ_CASES = int(os.environ.get("FUZZ_CASES", 2000))
 HANG_SECONDS = 600                       # per target; a case takes milliseconds
 SETTINGS = settings(max_examples=FUZZ_CASES, deadline=None, database=None, derandomize="FUZZ_SEED" not in os.environ,
                     suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+def fuzz(case):
+    """A target's case function under SETTINGS, drawing from st.data() (FUZZ_SEED=n: other cases, seeded)."""
+    case = SETTINGS(given(data=st.data())(case))
+    return seed(int(os.environ["FUZZ_SEED"]))(case) if "FUZZ_SEED" in os.environ else case
 
 
 def run_cases(test) -> int:
@@ -116,8 +123,7 @@ def test_fuzz_manifest_reader(artifacts, tmp_path):
     accepted = []
 
     def test(count):
-        @SETTINGS
-        @given(data=st.data())
+        @fuzz
         def case(data):
             kind = data.draw(st.sampled_from(("tree", "tree", "tree", "text", "bytes")))
             if kind == "tree":
@@ -169,8 +175,7 @@ def test_fuzz_checkpoint_weight_headers(tmp_path):
     read = []
 
     def test(count):
-        @SETTINGS
-        @given(data=st.data())
+        @fuzz
         def case(data):
             kind = data.draw(st.sampled_from(("header", "header", "st-bytes", "bin", "legacy", "random")))
             if kind == "header":
@@ -207,8 +212,7 @@ def test_fuzz_checkpoint_config_json(tmp_path):
     loaded = []
 
     def test(count):
-        @SETTINGS
-        @given(data=st.data())
+        @fuzz
         def case(data):
             if data.draw(st.integers(0, 4)):
                 raw = json.dumps(mutate_tree(valid, data)).encode("utf-8", "surrogatepass")
@@ -244,8 +248,7 @@ def test_fuzz_video_loader(tmp_path):
     decoded = []
 
     def test(count):
-        @SETTINGS
-        @given(data=st.data())
+        @fuzz
         def case(data):
             kind = data.draw(st.sampled_from(("edit", "edit", "edit", "random")))
             if kind == "edit":
