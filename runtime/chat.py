@@ -6,9 +6,8 @@ media (empty line or EOF ends it).
 What the command line accepts (anything else is a one-line error, exit status 2):
     question        UTF-8 text, not empty, without the image placeholder ("<image>"): the video or image
                     always goes before the question, so a placeholder typed in it would be a second one
-    --video PATH    a video file; an animated image (GIF, WebP, APNG) is refused here, since it would be
-                    read as a single image: convert it to a video first
-    --image PATH    an image; of an animated one, the first frame (said on stderr)
+    --video PATH    a video file, or an animated image (GIF, APNG): runtime.media decodes its frames as a video
+    --image PATH    an image (an animated one is read as a video, said on stderr)
     --text-only     no media: the LLM answers from the text alone (without it, no media is an error)
     --manifest-sha256 HEX   refuse the artifacts unless manifest.json has this sha256 (tamper-evident)
 """
@@ -51,11 +50,8 @@ def check_media(a) -> str | None:
     if not (a.video or a.image or a.text_only):
         raise ValueError("expected --video PATH or --image PATH, found neither; pass --text-only to ask the LLM "
                          "without media")
-    if a.video and (n := animated_frames(a.video)):
-        raise ValueError(f"--video {a.video}: expected a video file, found an animated image ({n} frames), which the "
-                         f"runtime reads as one image; convert it to a video first (e.g. ffmpeg -i {a.video} clip.mp4)")
     if a.image and (n := animated_frames(a.image)):
-        print(f"[--image {a.image}: an animated image of {n} frames; its first frame is used]", file=sys.stderr)
+        print(f"[--image {a.image}: an animated image of {n} frames, read as a video]", file=sys.stderr)
     return a.video or a.image
 
 

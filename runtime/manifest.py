@@ -162,6 +162,10 @@ def list_of(kind: Kind, n: int | None = None, at_least: int = 0) -> Kind:
                 and all(kind.ok(x) for x in v))
 
 
+def nullable(kind: Kind) -> Kind:
+    return Kind(f"{kind.what} or null", lambda v: v is None or kind.ok(v))
+
+
 OBJECT = Kind("an object", lambda v: isinstance(v, dict))
 STRING = Kind("a string", lambda v: isinstance(v, str))
 NAME = Kind("a non-empty string", lambda v: isinstance(v, str) and v != "")
@@ -241,7 +245,11 @@ SCHEMA = [
     ("stages.*.variants[].extra_files",        list_of(PATH),                 False),
     ("stages.*.variants[].role",               one_of("prefill"),             False),
     ("stages.*.variants[].form",               STRING,                        False),
-    ("stages.*.variants[].built_with",         OBJECT,                        False),
+    ("stages.*.variants[].built_with",         nullable(OBJECT),              False),
+    ("stages.*.variants[].engine",             nullable(PATH),                False),   # trtllm: folders it reads
+    ("stages.*.variants[].checkpoint",         PATH,                          False),
+    ("stages.*.variants[].hf",                 PATH,                          False),
+    ("stages.*.variants[].build_dir",          PATH,                          False),
     ("stages.*.variants[].profile",            OBJECT,                        False),
     ("stages.*.variants[].profile.*",          OBJECT,                        True),
     ("stages.*.variants[].profile.*.min",      list_of(DIM),                  True),

@@ -282,7 +282,7 @@ def _open(path: str):
     if os.path.getsize(path) == 0:
         raise _fail(path, "a video file", "an empty (0-byte) file")
     try:
-        container = av.open(path)
+        container = av.open(path, metadata_errors="replace")    # tags that are not UTF-8 must not stop decoding
     except av.FFmpegError as err:
         raise _fail(path, "a video container FFmpeg can read", f"data it cannot parse ({err})",
                     "the file is not a video or its container is corrupt") from err
@@ -294,6 +294,10 @@ def _open(path: str):
         raise _fail(path, "a video stream", "no streams at all",
                     "an MP4 cut short before its index (moov atom) looks like this")
     stream = container.streams.video[0]
+    if stream.codec_context is None:                    # a codec id FFmpeg has no decoder for (or a damaged header)
+        container.close()
+        raise _fail(path, "a video stream FFmpeg can decode", "one whose codec it does not know",
+                    "the file is damaged or uses a codec this FFmpeg build lacks")
     stream.thread_type = "AUTO"
     return container, stream
 

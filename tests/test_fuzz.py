@@ -1,9 +1,9 @@
 """Fuzzing (issue 18): the manifest reader, the checkpoint loader's header parsing (safetensors and torch
-files, config.json) and the video loader fed random and mutated inputs. Every outcome must be a result or
-the loader's own clear error (a ValueError subclass with "expected" in it); anything else, a crash or a hang
-fails. Each target runs FUZZ_CASES cases (derandomized: the same cases on every run, so CI is
-reproducible; FUZZ_SEED=n draws other cases, FUZZ_CASES=n another count). A watchdog ends the
-process if a target hangs."""
+files, config.json) and the video loaders (the reference's and runtime.media's) fed random and mutated
+inputs. Every outcome must be a result or the loader's own clear error (a ValueError subclass with
+"expected" in it); anything else, a crash or a hang fails. Each target runs FUZZ_CASES cases
+(derandomized: the same cases on every run, so CI is reproducible; FUZZ_SEED=n draws other cases,
+FUZZ_CASES=n another count). A watchdog ends the process if a target hangs."""
 import copy
 import faulthandler
 import json
@@ -22,6 +22,7 @@ import llamavid_ref
 from export.build import build
 from llamavid_ref import CheckpointError, checkpoint
 from llamavid_ref.video import VideoError, load_video, write_video
+from runtime import media
 from runtime.backends import choose_variant
 from runtime.manifest import BACKENDS, ManifestError, read_manifest
 from runtime.pipeline import frame_chunk
@@ -259,15 +260,21 @@ def test_fuzz_video_loader(tmp_path):
             path = tmp_path / f"v{data.draw(st.sampled_from(('.mp4', '.mkv', '.avi', '')))}"
             path.write_bytes(raw)
             count[0] += 1
-            try:
-                clip = load_video(path, allow_partial=data.draw(st.booleans()))
+            partial = data.draw(st.booleans())
+            try:                                         # the reference's loader
+                clip = load_video(path, allow_partial=partial)
+                T = len(clip.frames)
+                assert clip.frames.dtype == np.uint8 and clip.frames.ndim == 4 and clip.frames.shape[-1] == 3 and T >= 1
+                assert clip.timestamps.shape == (T,) and clip.indices.shape == (T,)
+                decoded.append(kind)
             except VideoError as e:
                 assert clean_error(e, VideoError), e
-                return
-            T = len(clip.frames)
-            assert clip.frames.dtype == np.uint8 and clip.frames.ndim == 4 and clip.frames.shape[-1] == 3 and T >= 1
-            assert clip.timestamps.shape == (T,) and clip.indices.shape == (T,)
-            decoded.append(kind)
+            try:                                         # the runtime's (torch-free, preprocessing as it decodes)
+                px, times = media.load_video(path, 28, (0.5,) * 3, (0.25,) * 3, allow_partial=partial)
+                assert px.dtype == np.float32 and px.shape[1:] == (3, 28, 28) and len(px) >= 1
+                assert times.shape == (len(px),)
+            except media.VideoError as e:
+                assert clean_error(e, media.VideoError), e
         case()
     assert run_cases(test) >= FUZZ_CASES
     assert decoded, "no mutated video decoded"

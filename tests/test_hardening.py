@@ -359,7 +359,7 @@ def test_swap_without_rename_exchange_is_completed_by_the_next_build(built, tmp_
     (lambda m: m.pop("special_ids") and m, r"1 problem\(s\): special_ids: expected an object, found no such key"),
     (lambda m: m["stages"]["head"]["variants"][1].pop("backend") and m,
      r"1 problem\(s\): stages.head.variants\[1\].backend: expected one of \['ort-cpu', 'ort-cuda', 'ort-openvino', "
-     r"'tensorrt'\], found no such key"),
+     r"'tensorrt', 'trtllm'\], found no such key"),
     (lambda m: m["stages"]["llm"].pop("inputs") and m, r"stages.llm.inputs: expected an object, found no such key"),
 ])
 def test_row10_malformed_manifests_get_one_line_errors(built, tmp_path, capsys, change, message):
@@ -461,7 +461,7 @@ def test_row11_head_counts_that_do_not_divide_the_widths_are_refused_at_load(tmp
 # ---- row 12: questions and media at the chat command line ------------------------------------------------
 def animated_gif(path, frames=3):
     imgs = [Image.fromarray(np.full((28, 28, 3), 60 * i, np.uint8)) for i in range(frames)]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=1000, loop=0)      # 1 frame a second
     return path
 
 
@@ -479,14 +479,17 @@ def test_row12_questions_and_missing_media_are_refused_clearly(built, capsys, ar
     assert one_line_error(capsys) == message
 
 
-def test_row12_an_animated_gif_as_video_is_refused_and_as_image_says_the_first_frame(built, tmp_path, capsys):
+def test_row12_an_animated_gif_is_read_as_a_video(built, tmp_path, capsys):
+    _, art = built
     gif = animated_gif(tmp_path / "a.gif")
-    assert chat_cli.main(["--artifacts", str(built[1]), "--video", str(gif), "what ?"]) == 2
-    assert one_line_error(capsys) == (f"error: --video {gif}: expected a video file, found an animated image (3 frames), "
-                                      f"which the runtime reads as one image; convert it to a video first (e.g. ffmpeg "
-                                      f"-i {gif} clip.mp4)")
-    assert chat_cli.main(["--artifacts", str(built[1]), "--image", str(gif), "--max-new-tokens", "3", "what ?"]) == 0
-    assert f"[--image {gif}: an animated image of 3 frames; its first frame is used]" in capsys.readouterr().err
+    pipe = Pipeline.open(art)
+    assert pipe.load_media(gif).shape == (3, 3, 28, 28)                       # every frame, not the first only
+    want = pipe.ask(gif, "what ?", max_new_tokens=3)
+    assert chat_cli.main(["--artifacts", str(art), "--video", str(gif), "--max-new-tokens", "3", "what ?"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    assert chat_cli.main(["--artifacts", str(art), "--image", str(gif), "--max-new-tokens", "3", "what ?"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == want and f"[--image {gif}: an animated image of 3 frames, read as a video]" in out.err
 
 
 def test_row12_text_only_and_interactive_turns_that_are_refused(built, capsys, monkeypatch):
