@@ -176,18 +176,18 @@ DIM = Kind("a dim (an integer in [0, 2^31) or a symbol)",
            lambda v: (type(v) is int and 0 <= v < 1 << 31) or (isinstance(v, str) and v != ""))
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")   # numpy's names
 ID_MAX = (1 << 22) - 1            # largest token id (vocabularies above 4M entries are refused)
-WIDTH = integer(1, 1 << 16)       # hidden sizes
 
 # The schema: (path, kind, required). A path's parts are keys; "*" is every key of an object and "[]" every
 # item of a list. Keys not listed are allowed and ignored (notes, provenance, later additions); the bounds
 # sit far above every released LLaMA-VID (13B, 336 px, 64K positions) and below what exhausts a machine.
+# The C core (runtime/csrc/config.c) checks the fields it reads against the same ranges.
 SCHEMA = [
     ("model",                                  OBJECT,                        True),
     ("model.name",                             STRING,                        True),
     ("model.config",                           OBJECT,                        True),
     ("model.tokens_per_frame",                 integer(1, 1 << 16),           True),
-    ("model.vision_width",                     WIDTH,                         True),
-    ("model.llm_hidden",                       WIDTH,                         True),
+    ("model.vision_width",                     integer(1, 1 << 16),           True),
+    ("model.llm_hidden",                       integer(1, 1 << 17),           True),
     ("preprocess",                             OBJECT,                        True),
     ("preprocess.image_size",                  integer(1, 4096),              True),
     ("preprocess.mean",                        list_of(number(-1e3, 1e3), 3), True),
@@ -220,10 +220,10 @@ SCHEMA = [
     ("llm.layers",                             integer(1, 1024),              True),
     ("llm.kv_heads",                           integer(1, 1024),              True),
     ("llm.head_dim",                           integer(1, 4096),              True),
-    ("llm.hidden",                             WIDTH,                         True),
+    ("llm.hidden",                             integer(1, 1 << 17),           True),
     ("llm.vocab_size",                         integer(1, ID_MAX + 1),        True),
-    ("llm.rope_theta",                         number(0, 1e12, above=True),   True),
-    ("llm.rope_scaling",                       number(0, 1e6, above=True),    True),
+    ("llm.rope_theta",                         number(1, 1e12),               True),
+    ("llm.rope_scaling",                       number(1e-6, 1e6),             True),
     ("llm.kv_layout",                          one_of("shared", "concat"),    True),
     ("llm.past_names",                         list_of(NAME, at_least=2),     True),
     ("llm.present_names",                      list_of(NAME, at_least=2),     True),

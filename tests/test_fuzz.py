@@ -80,7 +80,8 @@ def apply_edits(data: bytes, edits, region: int | None = None) -> bytes:
 
 INTERESTING = st.sampled_from([None, True, False, 0, -1, 1, 2 ** 31, 2 ** 63, -(2 ** 63), 10 ** 30, 0.5, -0.0, 1e308,
                                math.inf, -math.inf, math.nan, "", "2", "/etc/passwd", "../../x", "a/../../b", "llm/../..",
-                               "C:\\x", "~/x", "<image>", "\x00", "\udcff", [], {}, [1, 2, 3], ["a"], {"": None}])
+                               "C:\\x", "~/x", "<image>", "\x00", "\udcff", [], {}, [1, 2, 3], ["a"], {"": None}]
+                             ).map(copy.deepcopy)          # a fresh list or object each time: later edits change it
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | INTERESTING,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=8)
