@@ -149,7 +149,7 @@ def _read_released_weights(root: Path) -> dict[str, torch.Tensor]:
 
 # ---- sizes from shapes ---------------------------------------------------------------------------
 def _indices(sd: dict, prefix: str, suffix: str = "") -> list[int]:
-    """Sorted layer indices i of the names prefix + i + "." + suffix..."""
+    """The layer numbers i of the names that start with prefix + "i." + suffix, sorted."""
     pattern = re.compile(re.escape(prefix) + r"(\d{1,9})\." + re.escape(suffix))
     return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
 
