@@ -57,6 +57,7 @@ STAGES = ("vision", "head", "llm")
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-openvino", "tensorrt", "trtllm")
 OPENVINO_PRECISION = "bf16"       # ort-openvino runs the fp32 graphs at this inference precision
 FRAME_CHUNK = 64                  # frames per vision/head call that export writes (as the release chunks)
+MAX_MANIFEST_BYTES = 64 << 20     # as the C core reads it
 
 
 class ManifestError(ValueError):
@@ -126,7 +127,10 @@ def safe_path(root, rel) -> Path:
     if problem:
         raise ManifestError(f"artifacts {root}: {problem}")
     base = Path(root).resolve()
-    path = (base / rel).resolve()
+    try:
+        path = (base / rel).resolve()
+    except (RuntimeError, OSError) as e:                 # a symbolic link loop
+        raise ManifestError(f"artifacts {root}: {rel}: expected a file, found a path that does not resolve ({e})") from e
     if not path.is_relative_to(base):
         raise ManifestError(f"artifacts {root}: {rel} resolves to {path}, outside the artifact directory "
                             f"(a symbolic link?); expected a file inside it")
@@ -475,6 +479,9 @@ def read_manifest(root: Path, verify_hashes: bool = True, manifest_sha256: str |
     if not path.is_file():
         raise ManifestError(f"artifacts {root}: expected manifest.json (written by python -m export.build), "
                             f"found {sorted(p.name for p in root.iterdir())[:8]}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: expected at most {MAX_MANIFEST_BYTES >> 20} MiB, found {size:,} bytes")
     data = path.read_bytes()
     if manifest_sha256 is not None:
         if not SHA256.ok(str(manifest_sha256).lower()):
