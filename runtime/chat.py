@@ -17,22 +17,7 @@ import argparse
 import sys
 
 from .manifest import read_manifest
-from .pipeline import Pipeline
-
-
-def check_question(question: str, placeholder: str) -> str:
-    """The question as the pipeline takes it, or ValueError saying what is wrong with it."""
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError as e:                  # undecodable argv / stdin bytes arrive as surrogates
-        raise ValueError(f"question: expected UTF-8 text, found bytes that are not UTF-8 at character {e.start + 1}; "
-                         f"check the terminal's encoding") from None
-    if not question.strip():
-        raise ValueError("question: expected a question, found an empty one (leave it out for an interactive chat)")
-    if placeholder in question:
-        raise ValueError(f"question: expected plain text, found the image placeholder {placeholder!r}: the video or "
-                         f"image goes before the question by itself; remove {placeholder!r} from the question")
-    return question
+from .pipeline import Pipeline, check_question
 
 
 def animated_frames(path) -> int:
@@ -79,7 +64,7 @@ def main(argv=None) -> int:
         if a.question is not None:
             check_question(a.question, placeholder)
         path = check_media(a)
-        pipe = Pipeline.open(a.artifacts, threads=a.threads)
+        pipe = Pipeline.open(a.artifacts, threads=a.threads, manifest_sha256=a.manifest_sha256)
         print(f"[{pipe.describe()}]", file=sys.stderr)
         chat = pipe.chat(path)
         for q in [a.question] if a.question is not None else _prompts(placeholder):

@@ -18,6 +18,7 @@ session (its own KV cache and buffers) from a pool, so answers never share state
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,21 @@ STAGE_KEYS = (("vision", "vision", None), ("head", "head", None), ("llm", "llm",
 MIN_SESSION = 256            # positions of the smallest pooled session
 
 
+def check_question(question: str, placeholder: str) -> str:
+    """The question as the pipeline takes it, or ValueError saying what is wrong with it."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:                  # undecodable argv / stdin bytes arrive as surrogates
+        raise ValueError(f"question: expected UTF-8 text, found bytes that are not UTF-8 at character {e.start + 1}; "
+                         f"check the terminal's encoding") from None
+    if not question.strip():
+        raise ValueError("question: expected a question, found an empty one (leave it out for an interactive chat)")
+    if placeholder in question:
+        raise ValueError(f"question: expected plain text, found the image placeholder {placeholder!r}: the video or "
+                         f"image goes before the question by itself; remove {placeholder!r} from the question")
+    return question
+
+
 def frame_chunk(manifest: dict, chosen: dict) -> int:
     """Frames per vision/head call: the manifest's frame_chunk, or fewer where a chosen engine's optimisation
     profile stops below it (an engine variant records its profile: input -> min/opt/max shapes)."""
@@ -48,10 +64,11 @@ def frame_chunk(manifest: dict, chosen: dict) -> int:
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict, verify_hashes: bool = False):
+    def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict, manifest_sha256: str | None = None):
         self.root, self.manifest, self.stages, self.chosen = root, manifest, stages, chosen
         self.frame_chunk = frame_chunk(manifest, chosen)
-        self.core = _llamavid.Model(str(root), {k: (chosen[k]["index"], s) for k, s in stages.items()}, verify_hashes)
+        self.core = _llamavid.Model(str(root), {k: (chosen[k]["index"], s) for k, s in stages.items()},
+                                    manifest_sha256=manifest_sha256)
         self.info = self.core.info
         m, ids = manifest, manifest["special_ids"]
         self.bos, self.eos, self.image_id = ids["bos"], ids["eos"], ids["image"]
@@ -64,15 +81,19 @@ class Pipeline:
 
     @classmethod
     def open(cls, root, backend: str | None = None, threads: int | None = None, verify_hashes: bool = True,
-             spin: bool = True, precision: str | None = None) -> "Pipeline":
+             spin: bool = True, precision: str | None = None, manifest_sha256: str | None = None) -> "Pipeline":
         """Validate root/manifest.json (version, stages, hashes) and open each stage on the first backend
         (fastest first, or `backend`) that runs one of its variants, checked against the manifest's tensors;
         an engine built by another TensorRT or for another GPU is refused.
         spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks).
         precision: run only that precision's variants; ORT's CPU provider then also runs the ort-cuda
-        graphs (to measure fp16 accuracy on a machine without a GPU)."""
+        graphs (to measure fp16 accuracy on a machine without a GPU).
+        manifest_sha256: the pinned sha256 of manifest.json (tamper-evident deployments). Either way the C core
+        checks that the manifest it parses is the one validated here."""
         root = Path(root)
-        manifest = read_manifest(root, verify_hashes)
+        if manifest_sha256 is None and (root / "manifest.json").is_file():
+            manifest_sha256 = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+        manifest = read_manifest(root, verify_hashes, manifest_sha256)
         available = [backend] if backend else available_backends()
         stages, chosen, backends = {}, {}, {}
         for key, name, role in STAGE_KEYS:        # the llm's prefill graph is optional, every stage is not
@@ -88,7 +109,7 @@ class Pipeline:
             if v["backend"] not in available:                 # an ort-cuda graph on the CPU provider
                 v["backend"] = "ort-cpu"
             try:
-                if "built_with" in v:
+                if v.get("built_with"):
                     check_built_with(root / v["file"], v["built_with"])
                 if v["backend"] not in backends:              # one backend object (one CUDA stream) per backend
                     backends[v["backend"]] = open_backend(v["backend"], threads, spin)
@@ -97,7 +118,7 @@ class Pipeline:
                 raise ManifestError(f"artifacts {root}: stage {key}: {e}") from e
             chosen[key] = v
         try:
-            return cls(root, manifest, stages, chosen)
+            return cls(root, manifest, stages, chosen, manifest_sha256.lower())
         except ValueError as e:                              # the core refuses the manifest
             raise ManifestError(str(e)) from e
 
@@ -243,6 +264,7 @@ class ChatSession:
         self.pixels = np.stack(frames)
 
     def ask_stream(self, question: str, max_new_tokens=512, **sampling) -> Iterator[str]:
+        check_question(question, self.p.manifest["prompt"]["image_placeholder"])
         if self.stream is not None:
             yield from self.stream.ask(question, max_new_tokens, **sampling)
             return

@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from . import _llamavid, media, text
+from .pipeline import check_question
 
 INGEST = "describe the video ."   # the warm tier's fixed Q-Former prompt: the best generic one on val (docs/BENCHMARKS.md)
 QUESTION = "\x00question\x00"                   # where the question goes in the prompt text
@@ -96,6 +97,7 @@ class Stream:
     def ask(self, question: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Text pieces of the answer as they are generated (greedy, or do_sample with temperature, top_k, top_p,
         repetition_penalty, seed as Pipeline.generate). One question at a time per stream."""
+        check_question(question, self.p.manifest["prompt"]["image_placeholder"])
         if not self._lock.acquire(blocking=False) or self._asking:
             raise RuntimeError("stream: a question is already being answered; ask again when its answer ends")
         self._asking = True

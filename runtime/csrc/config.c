@@ -377,14 +377,19 @@ static llamavid_error *read_fields(const json *m, config *c) {
     return check_stage_tensors(c, m);
 }
 
-llamavid_error *config_read(const char *dir, int verify_hashes, config *c) {
-    char path[PATH_MAX], err[256];
+llamavid_error *config_read(const char *dir, int verify_hashes, const char *manifest_sha256, config *c) {
+    char path[PATH_MAX], err[256], hex[65];
     llamavid_error *e = NULL;
     memset(c, 0, sizeof *c);
     if (snprintf(path, sizeof path, "%s/manifest.json", dir) >= (int)sizeof path)
         return llamavid_error_new(LLAMAVID_ERR_ARGUMENT, "artifacts: directory path too long");
     char *text = read_text(path, &e);
     if (!text) return e;
+    if (manifest_sha256 && (sha256_hex(text, strlen(text), hex), strcmp(hex, manifest_sha256) != 0)) {
+        free(text);
+        return llamavid_error_new(LLAMAVID_ERR_MANIFEST, "%s: expected sha256 %.64s (the manifest the caller checked or "
+                                  "pinned), found %s: the file changed", path, manifest_sha256, hex);
+    }
     json *m = json_parse(text, err, sizeof err);
     free(text);
     if (!m) return llamavid_error_new(LLAMAVID_ERR_MANIFEST, "%s: expected JSON, found a parse error (%s)", path, err);

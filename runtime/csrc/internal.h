@@ -35,6 +35,7 @@ const json *json_at(const json *arr, int32_t i);                 /* NULL if out 
 /* ---- sha256.c --------------------------------------------------------------------------------------- */
 /* hex: 65 bytes. Returns 0 on success, -1 if the file cannot be read. */
 int sha256_file(const char *path, char hex[65]);
+void sha256_hex(const void *data, size_t n, char hex[65]);
 
 /* ---- config.c: the manifest as the core needs it ---------------------------------------------------- */
 #define MAX_NAME 96
@@ -66,7 +67,7 @@ typedef struct {
     unsigned char *kv_is_key;          /* [2*layers] 1 for a key tensor (rotated by RoPE), 0 for a value */
 } config;
 
-llamavid_error *config_read(const char *dir, int verify_hashes, config *cfg);
+llamavid_error *config_read(const char *dir, int verify_hashes, const char *manifest_sha256, config *cfg);
 void config_free(config *cfg);
 
 /* The embedding table, mapped read-only. */

@@ -124,6 +124,8 @@ typedef struct {
     const llamavid_backend *const *backends;   /* tried in this order for each stage's variants */
     int32_t n_backends;
     int32_t verify_hashes;                     /* 1: check the sha256 of every file the manifest lists */
+    const char *manifest_sha256;               /* NULL, or the sha256 (64 lower-case hex digits) manifest.json must
+                                                  have: a pinned manifest, or the one the caller already checked */
 } llamavid_model_params;
 
 typedef struct {

@@ -9,7 +9,7 @@
 #include <string.h>
 
 llamavid_model_params llamavid_model_default_params(void) {
-    llamavid_model_params p = {NULL, 0, 1};
+    llamavid_model_params p = {NULL, 0, 1, NULL};
     return p;
 }
 
@@ -68,7 +68,7 @@ llamavid_error *llamavid_model_open(const char *dir, const llamavid_model_params
     llamavid_model *m = calloc(1, sizeof *m);
     if (!m) return llamavid_error_new(LLAMAVID_ERR_MEMORY, "llamavid_model_open: out of memory");
     m->magic = MAGIC_MODEL;
-    llamavid_error *e = config_read(dir, params->verify_hashes, &m->cfg);
+    llamavid_error *e = config_read(dir, params->verify_hashes, params->manifest_sha256, &m->cfg);
     if (!e) e = embed_table_open(dir, &m->cfg, &m->embed);
     for (int k = 0; !e && k < N_STAGES; k++)
         e = open_stage(m, dir, params, k);

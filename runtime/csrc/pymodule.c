@@ -1,6 +1,6 @@
 /* pymodule.c -- runtime._llamavid, the CPython extension over the C core.
  *
- *   Model(dir, stages, verify_hashes=False)  stages: {"vision"|"head"|"llm"|"llm_prefill": (variant index, stage)}
+ *   Model(dir, stages, verify_hashes=False, manifest_sha256=None)  stages: {"vision"|"head"|"llm"|"llm_prefill": (variant index, stage)}
  *                                            where stage.run(inputs, outputs, context) runs one call on
  *                                            {name: memoryview} buffers the core owns (zero-copy, buffer protocol)
  *                                            and stage.new_context() (optional) makes per-session state;
@@ -248,11 +248,12 @@ static void Model_dealloc(ModelObject *self) {
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"dir", "stages", "verify_hashes", NULL};
-    const char *dir;
+    static char *names[] = {"dir", "stages", "verify_hashes", "manifest_sha256", NULL};
+    const char *dir, *digest = NULL;
     PyObject *stages;
     int verify = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|p", names, &dir, &PyDict_Type, &stages, &verify)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|pz", names, &dir, &PyDict_Type, &stages, &verify, &digest))
+        return -1;
     if (self->m) { PyErr_SetString(PyExc_RuntimeError, "Model: already open"); return -1; }
     self->stages = Py_NewRef(stages);
     self->backend = (llamavid_backend){"python", stages, py_open_stage, py_open_context, py_run, py_close_context,
@@ -262,6 +263,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     p.backends = list;
     p.n_backends = 1;
     p.verify_hashes = verify;
+    p.manifest_sha256 = digest;
     llamavid_error *e = llamavid_model_open(dir, &p, &self->m);
     if (!e) e = llamavid_model_get_info(self->m, &self->info);
     if (e) { raise_error(e); return -1; }

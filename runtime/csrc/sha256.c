@@ -34,36 +34,62 @@ static void block(uint32_t h[8], const unsigned char *p) {
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
 }
 
+typedef struct {
+    uint32_t h[8];
+    unsigned char buf[64];
+    size_t have;
+    uint64_t total;
+} sha256_ctx;
+
+static void init(sha256_ctx *c) {
+    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
+                                   0x1f83d9ab, 0x5be0cd19};
+    memcpy(c->h, h0, sizeof h0);
+    c->have = 0;
+    c->total = 0;
+}
+
+static void update(sha256_ctx *c, const unsigned char *p, size_t n) {
+    c->total += n;
+    while (n) {
+        size_t take = 64 - c->have < n ? 64 - c->have : n;
+        memcpy(c->buf + c->have, p, take);
+        c->have += take, p += take, n -= take;
+        if (c->have == 64) {
+            block(c->h, c->buf);
+            c->have = 0;
+        }
+    }
+}
+
+static void final(sha256_ctx *c, char hex[65]) {
+    unsigned char tail[128] = {0};                  /* the rest, 0x80, zeros, the bit length */
+    memcpy(tail, c->buf, c->have);
+    tail[c->have] = 0x80;
+    size_t len = c->have + 9 <= 64 ? 64 : 128;
+    for (int i = 0; i < 8; i++) tail[len - 1 - i] = (unsigned char)((c->total * 8) >> (8 * i));
+    for (size_t i = 0; i < len; i += 64) block(c->h, tail + i);
+    for (int i = 0; i < 8; i++) snprintf(hex + 8 * i, 9, "%08x", c->h[i]);
+}
+
+void sha256_hex(const void *data, size_t n, char hex[65]) {
+    sha256_ctx c;
+    init(&c);
+    update(&c, data, n);
+    final(&c, hex);
+}
+
 int sha256_file(const char *path, char hex[65]) {
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return -1;
-    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    static _Thread_local unsigned char buf[1 << 16];
-    uint64_t total = 0;
-    size_t n, have = 0;
-    while ((n = fread(buf + have, 1, sizeof buf - have, f)) > 0) {
-        have += n;
-        total += n;
-        size_t whole = have & ~(size_t)63;
-        for (size_t i = 0; i < whole; i += 64)
-            block(h, buf + i);
-        memmove(buf, buf + whole, have - whole);
-        have -= whole;
-    }
+    if (!f) return -1;
+    sha256_ctx c;
+    unsigned char buf[1 << 14];
+    size_t n;
+    init(&c);
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) update(&c, buf, n);
     int bad = ferror(f);
     fclose(f);
-    if (bad)
-        return -1;
-    unsigned char tail[128] = {0};                  /* the rest, 0x80, zeros, the bit length */
-    memcpy(tail, buf, have);
-    tail[have] = 0x80;
-    size_t len = have + 9 <= 64 ? 64 : 128;
-    for (int i = 0; i < 8; i++)
-        tail[len - 1 - i] = (unsigned char)((total * 8) >> (8 * i));
-    for (size_t i = 0; i < len; i += 64)
-        block(h, tail + i);
-    for (int i = 0; i < 8; i++)
-        snprintf(hex + 8 * i, 9, "%08x", h[i]);
+    if (bad) return -1;
+    final(&c, hex);
     return 0;
 }

@@ -523,7 +523,7 @@ static void test_errors(void) {
     /* no backend runs a stage */
     toy.refuse_all = 1;
     const llamavid_backend *b[] = {&TOY};
-    llamavid_model_params mp = {b, 1, 0};
+    llamavid_model_params mp = {b, 1, 0, NULL};
     llamavid_model *none = NULL;
     FAILS(llamavid_model_open(dir, &mp, &none), LLAMAVID_ERR_BACKEND, "stage vision: expected a backend that runs one of "
           "its variants [vision.onnx fp32 (ort-cpu)], found backends [toy]");
@@ -533,7 +533,7 @@ static void test_errors(void) {
 
 static void test_bad_manifests(void) {
     const llamavid_backend *b[] = {&TOY};
-    llamavid_model_params mp = {b, 1, 0};
+    llamavid_model_params mp = {b, 1, 0, NULL};
     llamavid_model *m = NULL;
     static const struct { const char *from, *to, *part; int code; } cases[] = {
         {"\"manifest_version\": 3", "\"manifest_version\": 2", "expected format 'llamavid-artifacts' version 3, found "
@@ -737,11 +737,24 @@ static void test_hashes(void) {
     write_manifest("shared", 0, NULL, NULL);
     for (int k = 0; k < 5; k++) set_real_hash(names[k]);
     const llamavid_backend *b[] = {&TOY};
-    llamavid_model_params mp = {b, 1, 1};
+    llamavid_model_params mp = {b, 1, 1, NULL};
     llamavid_model *m = NULL;
     OK(llamavid_model_open(dir, &mp, &m));               /* every sha256 agrees with sha256sum's */
     llamavid_model_free(m);
     m = NULL;
+    /* the manifest's own hash, as the caller checked it (sha256sum of manifest.json), then a wrong one */
+    char cmd[600], hex[65] = "";
+    snprintf(cmd, sizeof cmd, "sha256sum '%s/manifest.json'", dir);
+    FILE *f = popen(cmd, "r");
+    CHECK(f && fscanf(f, "%64s", hex) == 1, "sha256sum manifest.json");
+    if (f) pclose(f);
+    mp.manifest_sha256 = hex;
+    OK(llamavid_model_open(dir, &mp, &m));
+    llamavid_model_free(m);
+    m = NULL;
+    mp.manifest_sha256 = HASH;
+    FAILS(llamavid_model_open(dir, &mp, &m), LLAMAVID_ERR_MANIFEST, "expected sha256 0000000000000000000000000000000000000000000000000000000000000000 (the manifest the caller checked or pinned), found ");
+    mp.manifest_sha256 = NULL;
     write_file("head.onnx", "H", 1);
     FAILS(llamavid_model_open(dir, &mp, &m), LLAMAVID_ERR_MANIFEST, "file head.onnx was modified: expected sha256 aaa9402664f1a41f40ebbc52c9993eb66aeb366602958fdfaa283b71e64db123, found ");
     write_file("head.onnx", "h", 1);
