@@ -88,11 +88,12 @@ llamavid_error* guard(llamavid_error_new_fn errorNew, Body&& body) noexcept
     }
 }
 
-void check(cudaError_t status, char const* call, std::string const& what = "")
+// call: what was called, e.g. "cudaMemcpyAsync of input"; tensor: its name, if any.
+void check(cudaError_t status, char const* call, char const* tensor = "")
 {
     if (status != cudaSuccess)
-        fail(format("%s%s failed: %s (%d): %s", call, what.c_str(), cudaGetErrorName(status), int(status),
-            cudaGetErrorString(status)));
+        fail(format("%s%s%s failed: %s (%d): %s", call, *tensor ? " " : "", tensor, cudaGetErrorName(status),
+            int(status), cudaGetErrorString(status)));
 }
 
 // TensorRT reports why a call failed through its logger: the last error of this thread, kept for the message.
@@ -238,10 +239,10 @@ struct Context
         if (ptr && need <= size)
             return ptr;
         if (ptr)
-            check(cudaFree(ptr), "cudaFree", format(" of %s's buffer", name));
+            check(cudaFree(ptr), "cudaFree of the buffer of", name);
         ptr = nullptr;
         size = 0;
-        check(cudaMalloc(&ptr, std::max<size_t>(need, 1)), "cudaMalloc", format(" of %zu bytes for %s", need, name));
+        check(cudaMalloc(&ptr, std::max<size_t>(need, 1)), format("cudaMalloc of %zu bytes for", need).c_str(), name);
         size = std::max<size_t>(need, 1);
         return ptr;
     }
@@ -465,8 +466,8 @@ void runOnce(Stage const& st, Context& c, llamavid_tensor const* in, int32_t nIn
         if (!x.setTensorAddress(t.name, dev))
             fail(format("setTensorAddress(%s) failed: %s", t.name, takeError().c_str()));
         if (input && bytes(t))
-            check(cudaMemcpyAsync(dev, t.data, bytes(t), cudaMemcpyHostToDevice, c.stream), "cudaMemcpyAsync",
-                format(" of input %s", t.name));
+            check(cudaMemcpyAsync(dev, t.data, bytes(t), cudaMemcpyHostToDevice, c.stream), "cudaMemcpyAsync of input",
+                t.name);
     }
     if (!x.enqueueV3(c.stream))
         fail(format("enqueueV3 failed: %s", takeError().c_str()));
@@ -474,8 +475,8 @@ void runOnce(Stage const& st, Context& c, llamavid_tensor const* in, int32_t nIn
         if (bytes(out[i]))
             check(cudaMemcpyAsync(out[i].data, c.buffers[st.find(out[i], false)].first, bytes(out[i]),
                       cudaMemcpyDeviceToHost, c.stream),
-                "cudaMemcpyAsync", format(" of output %s", out[i].name));
-    check(cudaStreamSynchronize(c.stream), "cudaStreamSynchronize", " after enqueueV3");
+                "cudaMemcpyAsync of output", out[i].name);
+    check(cudaStreamSynchronize(c.stream), "cudaStreamSynchronize after enqueueV3");
 }
 
 llamavid_error* run(void* stage, void* context, llamavid_tensor const* in, int32_t nIn, llamavid_tensor* out, int32_t nOut)
