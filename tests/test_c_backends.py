@@ -123,16 +123,16 @@ def fake_tensorrt_here(fake_library, monkeypatch, tmp_path):
 def test_tensorrt_usable_only_where_built_loadable_and_with_a_device(fake_library, monkeypatch, tmp_path):
     from kernels import cuda_available
     assert trt_backend.backend_library() is None and "tensorrt" not in available_backends()
-    assert trt_backend.tensorrt_missing().startswith("the TensorRT backend is not built (runtime/libllamavid_tensorrt*.so)")
+    assert trt_backend.backend_missing().startswith("the TensorRT backend is not built (runtime/libllamavid_tensorrt*.so)")
     broken = tmp_path / "libllamavid_tensorrt.so"
     broken.write_bytes(b"\x7fELF")
     monkeypatch.setattr(trt_backend, "backend_library", lambda: broken)
-    assert trt_backend.tensorrt_missing().startswith("libllamavid_tensorrt.so does not load:")
+    assert trt_backend.backend_missing().startswith("libllamavid_tensorrt.so does not load:")
     monkeypatch.setattr(trt_backend, "backend_library", lambda: fake_library)
     monkeypatch.setattr(cuda_available, "cuda_available", lambda: (False, "cudaErrorNoDevice (100)"))
-    assert trt_backend.tensorrt_missing() == "the TensorRT backend needs a CUDA device: cudaErrorNoDevice (100)"
+    assert trt_backend.backend_missing() == "the TensorRT backend needs a CUDA device: cudaErrorNoDevice (100)"
     monkeypatch.setattr(cuda_available, "cuda_available", lambda: (True, "1 CUDA device(s)"))
-    assert trt_backend.tensorrt_missing() is None and available_backends()[0] == "tensorrt"
+    assert trt_backend.backend_missing() is None and available_backends()[0] == "tensorrt"
 
 
 def test_pipeline_runs_engine_variants_on_the_native_backend(art, tmp_path, fake_tensorrt_here):

@@ -13,7 +13,7 @@ from export import build as build_mod
 from export import trt
 from kernels.cuda_available import cuda_available
 from llamavid_ref.tiny import tiny_model
-from runtime.backends.tensorrt import tensorrt_missing
+from runtime.backends.tensorrt import backend_missing
 from runtime.pipeline import Pipeline
 
 
@@ -25,7 +25,7 @@ def _missing() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "tensorrt (the Python bindings, to build the engines) not installed"
-    return tensorrt_missing()
+    return backend_missing()
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_missing() is not None, reason=str(_missing()))]

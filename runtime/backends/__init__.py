@@ -21,8 +21,8 @@ from runtime.manifest import BACKENDS
 
 def tensorrt_usable() -> bool:
     """The core's TensorRT backend is built, loads (libnvinfer) and has a CUDA device."""
-    from .tensorrt import tensorrt_missing
-    return tensorrt_missing() is None
+    from .tensorrt import backend_missing
+    return backend_missing() is None
 
 
 def available_backends() -> list[str]:

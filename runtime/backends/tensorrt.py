@@ -1,7 +1,7 @@
 """TensorRT: engines run in the C core's TensorRT backend (runtime/csrc/backends/tensorrt.cpp, C++), a shared library
 that `pip install -e .` builds where TensorRT's headers and libnvinfer are installed, and that the core loads by path:
 
-    tensorrt_missing()                                  # None, or why engines cannot run here
+    backend_missing()                                   # None, or why engines cannot run here
     _llamavid.Model(dir, stages, native=[native_backend(precision)])      # what Pipeline.open does
 
 The backend checks each engine against the manifest (tensor names and dtypes, the TensorRT version and GPU SM it
@@ -59,7 +59,7 @@ def backend_library() -> Path | None:
     return next((p for s in importlib.machinery.EXTENSION_SUFFIXES if (p := folder / (LIBRARY + s)).is_file()), None)
 
 
-def tensorrt_missing() -> str | None:
+def backend_missing() -> str | None:
     """Why the TensorRT backend cannot run here (not built, libnvinfer not loadable, no CUDA device), None if it can."""
     from kernels.cuda_available import cuda_available
     library = backend_library()
