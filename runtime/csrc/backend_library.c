@@ -28,7 +28,8 @@ llamavid_error *llamavid_backend_load(const char *path, const char *const *keys,
     *out = NULL;
     if (!path || n < 0 || (n > 0 && (!keys || !values)))
         return llamavid_error_new(LLAMAVID_ERR_ARGUMENT, "llamavid_backend_load: expected a path and n >= 0 options, "
-                                  "found %s, n = %d%s", path ? path : "NULL", n, n > 0 && (!keys || !values) ? " and NULL keys or values" : "");
+                                  "found %s, n = %d%s", path ? path : "NULL", n,
+                                  n > 0 && (!keys || !values) ? " and NULL keys or values" : "");
     void *dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!dl)
         return llamavid_error_new(LLAMAVID_ERR_IO, "backend library %s: expected a loadable shared library, found: %s",

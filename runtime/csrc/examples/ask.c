@@ -103,7 +103,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--max-new-tokens") && next) max_new = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--backend") && next && n_backends < MAX_BACKENDS)
             args[n_backends++] = (backend_arg){.path = argv[++i]};
-        else if (!strcmp(argv[i], "--option") && next && strchr(next, '=') && n_backends && args[n_backends - 1].n < MAX_OPTIONS) {
+        else if (!strcmp(argv[i], "--option") && next && strchr(next, '=') && n_backends &&
+                 args[n_backends - 1].n < MAX_OPTIONS) {
             backend_arg *b = &args[n_backends - 1];
             *strchr(argv[++i], '=') = 0;
             b->keys[b->n] = argv[i];
@@ -146,9 +147,12 @@ int main(int argc, char **argv) {
     for (int k = 0; k < n_ids; k++) prompt_ids[k] = (int32_t)ids[k];
     llamavid_prompt prompt = {.ids = prompt_ids, .n_ids = n_ids, .pixels = px, .n_frames = frames,
                               .qformer_ids = qformer, .qformer_mask = mask, .n_qformer = n_q};
+    int32_t positions = frames * info.tokens_per_frame + max_new;       /* the KV cache this answer needs */
+    for (int k = 0; k < n_ids; k++) positions += prompt_ids[k] != info.image_id;
+    llamavid_session_params cache = {positions < info.context ? positions : info.context, 0, 0};
     llamavid_sampler_params sp = llamavid_sampler_default_params();   /* greedy */
-    if ((e = llamavid_session_create(model, NULL, &session)) || (e = llamavid_sampler_create(&sp, info.vocab_size, &sampler)) ||
-        (e = llamavid_session_prompt(session, &prompt)) ||
+    if ((e = llamavid_session_create(model, &cache, &session)) ||
+        (e = llamavid_sampler_create(&sp, info.vocab_size, &sampler)) || (e = llamavid_session_prompt(session, &prompt)) ||
         (e = llamavid_session_generate(session, sampler, max_new, on_token, NULL, NULL)))
         goto done;
     printf("\n");

@@ -106,7 +106,8 @@ int main()
     char name[] = "/tmp/check_tensorrt_XXXXXX";
     std::string dir = mkdtemp(name);
     write(dir + "/affine.engine", "llamavid-fake-engine\nprofile 8\ninput x float32 F 4\noutput y float32 F 4\n");
-    write(dir + "/broken.engine", "llamavid-fake-engine\nprofile 8\ninput x float32 F 4\noutput y float32 F 4\nfail enqueue\n");
+    write(dir + "/broken.engine",
+        "llamavid-fake-engine\nprofile 8\ninput x float32 F 4\noutput y float32 F 4\nfail enqueue\n");
     write(dir + "/garbage.engine", "not an engine");
     llamavid_error* e = nullptr;
 
