@@ -224,18 +224,24 @@ def test_ask_example_normalises_frames_and_prints_tokens_through_the_callback(ar
                                                      f"multiple of 2352 bytes)\n")
 
 
-def test_ask_example_names_the_stage_no_backend_runs(art, ask, fake_library, tmp_path):
+def test_ask_example_names_the_stage_no_backend_runs(art, ask, tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text("1 22 -200 13\n101 7 102\n")
     result = run([ask, art, ids, "--synthetic", "3"], env=ASAN)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == ("ask: stage vision: expected a backend that runs one of its variants [vision.onnx fp32 "
                              "(ort-cpu), vision.onnx fp32 (ort-cuda)], found backends [] and none runs them\n")
+    result = run([ask, art, ids], env=ASAN)
+    assert result.returncode == 2 and result.stderr.startswith("usage: ask ARTIFACTS IDS_FILE")
+
+
+def test_ask_example_with_the_tensorrt_backend_library(art, ask, fake_library, tmp_path):
+    """Loaded (fake TensorRT inside): it runs no ONNX variant, and its option errors reach the host."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 22 -200 13\n101 7 102\n")
     result = run([ask, art, ids, "--synthetic", "3", "--backend", fake_library], env=ASAN)
     assert result.returncode == 1 and result.stderr.endswith("found backends [tensorrt] and none runs them\n")
     result = run([ask, art, ids, "--synthetic", "3", "--backend", fake_library, "--option", "device=7"], env=ASAN)
     assert result.returncode == 1 and result.stderr == (
         f"ask: backend library {fake_library}: tensorrt: option device: expected an ordinal below 1 (the CUDA devices "
         f"here), found 7\n")
-    result = run([ask, art, ids], env=ASAN)
-    assert result.returncode == 2 and result.stderr.startswith("usage: ask ARTIFACTS IDS_FILE")
