@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import _llamavid, media, text
 from .backends import available_backends, choose_variant, open_backend
-from .backends.tensorrt import check_built_with
+from .backends.tensorrt import native_backend
 from .manifest import ManifestError, read_manifest
 
 STAGE_KEYS = (("vision", "vision", None), ("head", "head", None), ("llm", "llm", None), ("llm_prefill", "llm", "prefill"))
@@ -64,11 +64,15 @@ def frame_chunk(manifest: dict, chosen: dict) -> int:
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict, manifest_sha256: str | None = None):
+    def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict, native=(),
+                 manifest_sha256: str | None = None):
+        """stages: the Python stage objects; native: [(library, options)] of the core's backends in shared
+        libraries, which open the chosen variants that no Python stage runs (TensorRT engines);
+        manifest_sha256: the manifest.json the core must find (the one validated here)."""
         self.root, self.manifest, self.stages, self.chosen = root, manifest, stages, chosen
         self.frame_chunk = frame_chunk(manifest, chosen)
         self.core = _llamavid.Model(str(root), {k: (chosen[k]["index"], s) for k, s in stages.items()},
-                                    manifest_sha256=manifest_sha256)
+                                    native=list(native), manifest_sha256=manifest_sha256)
         self.info = self.core.info
         m, ids = manifest, manifest["special_ids"]
         self.bos, self.eos, self.image_id = ids["bos"], ids["eos"], ids["image"]
@@ -84,7 +88,8 @@ class Pipeline:
              spin: bool = True, precision: str | None = None, manifest_sha256: str | None = None) -> "Pipeline":
         """Validate root/manifest.json (version, stages, hashes) and open each stage on the first backend
         (fastest first, or `backend`) that runs one of its variants, checked against the manifest's tensors;
-        an engine built by another TensorRT or for another GPU is refused.
+        engines run on the core's TensorRT backend (C++), which refuses one built by another TensorRT or for
+        another GPU.
         spin=False: idle ORT threads sleep (for sharing the process with other compute, e.g. benchmarks).
         precision: run only that precision's variants; ORT's CPU provider then also runs the ort-cuda
         graphs (to measure fp16 accuracy on a machine without a GPU).
@@ -105,20 +110,21 @@ class Pipeline:
                                    f"{f' in {precision}' if precision else ''}, found only {have}")
             if v is None:
                 continue
-            v = {**v, "index": variants.index(v)}
+            v = chosen[key] = {**v, "index": variants.index(v)}
             if v["backend"] not in available:                 # an ort-cuda graph on the CPU provider
                 v["backend"] = "ort-cpu"
+            if v["backend"] == "tensorrt":                    # an engine: opened by the core's TensorRT backend
+                continue
             try:
-                if v.get("built_with"):
-                    check_built_with(root / v["file"], v["built_with"])
-                if v["backend"] not in backends:              # one backend object (one CUDA stream) per backend
+                if v["backend"] not in backends:              # one backend object per backend
                     backends[v["backend"]] = open_backend(v["backend"], threads, spin)
                 stages[key] = backends[v["backend"]].open_stage(root / v["file"], io=manifest["stages"][name])
             except ValueError as e:
                 raise ManifestError(f"artifacts {root}: stage {key}: {e}") from e
-            chosen[key] = v
+        engines = any(v["backend"] == "tensorrt" for v in chosen.values())
         try:
-            return cls(root, manifest, stages, chosen, manifest_sha256.lower())
+            return cls(root, manifest, stages, chosen, [native_backend(precision)] if engines else [],
+                       manifest_sha256.lower())
         except ValueError as e:                              # the core refuses the manifest
             raise ManifestError(str(e)) from e
 

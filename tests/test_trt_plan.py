@@ -2,19 +2,16 @@
 for the released 7B video shapes (profiles from the preset, ops from a narrow model of the same graph
 structure); each check fails with a clear message on a broken input; the engine build's control flow
 (every parser error printed, temp names, nothing half-built) through a stand-in tensorrt module;
-without TensorRT the build fails clearly and writes nothing; the TensorRT backend's run loop
-(buffers, copies, profile and manifest errors) through a stand-in engine on host memory; and the wiring:
-python -m export.build --target tensorrt builds the engines once and keeps them on a re-run, the runtime
-puts tensorrt first, runs engines only, refuses engines built elsewhere and chunks frames by their profile."""
-import ctypes
+without TensorRT the build fails clearly and writes nothing; and the wiring: python -m export.build
+--target tensorrt builds the engines once and keeps them on a re-run, the runtime runs engines only on
+tensorrt and chunks frames by their profile. The runtime's TensorRT backend (C++) is checked on fake
+TensorRT in tests/test_c_backends.py."""
 import dataclasses
-import enum
 import math
 import shutil
 import sys
 import types
 
-import numpy as np
 import onnx
 import pytest
 
@@ -22,15 +19,15 @@ import llamavid_ref
 from export import build as build_mod
 from export import trt
 from export.head import PLUGIN, export_head
-from runtime.manifest import FRAME_CHUNK, ManifestError, read_manifest
+from runtime.manifest import FRAME_CHUNK, read_manifest
 from export.vision import export_vision
 from kernels import build as kernels_build
 from llamavid_ref.config import LLMConfig, from_name
 from llamavid_ref.model import LlamaVid
 from llamavid_ref.tiny import random_init, tiny_model
-from runtime.backends import available_backends, choose_variant
+from runtime.backends import choose_variant
 from runtime.backends.tensorrt import TensorrtUnavailable
-from runtime.pipeline import Pipeline, frame_chunk
+from runtime.pipeline import frame_chunk
 
 RELEASED = "llama-vid-7b-full-224-video-fps-1"
 
@@ -361,100 +358,6 @@ def test_build_sets_profiles_and_precision_and_records_the_engines(art, library,
     assert first["plugins"][0]["library"] == kernels_build.PLUGIN_LIBRARY
 
 
-# ---- the TensorRT backend's run loop, through stand-ins (host memory for device memory) -------------
-class HostCudart:
-    """cuda-python's runtime calls the backend makes, on host memory."""
-    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0})
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self):
-        self.mem = {}
-
-    def cudaStreamCreate(self):
-        return 0, 7
-
-    def cudaMalloc(self, n):
-        buf = np.zeros(n, np.uint8)
-        self.mem[buf.ctypes.data] = buf
-        return 0, buf.ctypes.data
-
-    def cudaFree(self, ptr):
-        del self.mem[ptr]
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        ctypes.memmove(dst, src, n)
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):
-        return (0,)
-
-
-class AffineEngine:
-    """An 'engine' x [F,4] -> y = 2x + 1, profile F in 1..8."""
-    num_io_tensors = 2
-
-    def __init__(self, cudart):
-        self.cudart = cudart
-
-    def get_tensor_name(self, i):
-        return ("x", "y")[i]
-
-    def get_tensor_mode(self, name):
-        return "INPUT" if name == "x" else "OUTPUT"
-
-    def get_tensor_dtype(self, name):
-        return np.float32
-
-    def get_tensor_profile_shape(self, name, profile):
-        return [(1, 4), (8, 4), (8, 4)]
-
-    def create_execution_context(self):
-        engine, shapes, address = self, {}, {}
-
-        def set_input_shape(name, shape):
-            shapes.update(x=tuple(shape), y=tuple(shape))
-            return 1 <= shape[0] <= 8
-
-        def execute_async_v3(stream):
-            n = 4 * int(np.prod(shapes["x"]))
-            x = engine.cudart.mem[address["x"]][:n].view(np.float32)
-            engine.cudart.mem[address["y"]][:n].view(np.float32)[:] = 2 * x + 1
-            return True
-        return types.SimpleNamespace(set_input_shape=set_input_shape, get_tensor_shape=shapes.__getitem__,
-                                     set_tensor_address=address.__setitem__, execute_async_v3=execute_async_v3)
-
-
-def test_backend_runs_an_engine_on_named_buffers(monkeypatch, tmp_path):
-    from runtime.backends import tensorrt as backend_mod
-    cudart = HostCudart()
-    monkeypatch.setattr(backend_mod, "import_cudart", lambda: cudart)
-    fake_trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="INPUT"), nptype=lambda t: t)
-    backend = types.SimpleNamespace(trt=fake_trt, cuda=backend_mod._Cuda())
-    io = {"inputs": {"x": {"shape": ["frames", 4], "dtype": "float32"}},
-          "outputs": {"y": {"shape": ["frames", 4], "dtype": "float32"}}}
-    stage = backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", io)
-    x = np.arange(12, dtype=np.float64).reshape(3, 4)                       # cast to the engine's float32
-    np.testing.assert_array_equal(stage.infer({"x": x})["y"], 2 * x + 1)
-    y = np.empty((8, 4), np.float32)
-    x8 = np.ones((8, 4), np.float32)
-    assert stage.infer({"x": x8}, outputs={"y": y})["y"] is y and (y == 3).all()     # buffers grew, written in place
-    assert len(cudart.mem) == 2
-    with pytest.raises(ValueError, match=r"input x \[9, 4\] is outside the engine's optimisation profile \[\[1, 4\], \[8, 4\], \[8, 4\]\]"):
-        stage.infer({"x": np.ones((9, 4), np.float32)})
-    with pytest.raises(ValueError, match=r"expected inputs \['x'\], missing \['x'\]"):
-        stage.infer({"z": x8})
-    with pytest.raises(ValueError, match=r"output buffer y must be C-contiguous \[8, 4\], found \[2, 4\]"):
-        stage.infer({"x": x8}, outputs={"y": y[:2]})
-    stage.close()
-    assert cudart.mem == {}
-    bad = {**io, "outputs": {"frame_tokens": io["outputs"]["y"]}}
-    with pytest.raises(ValueError, match=r"affine.engine: the engine does not match the manifest: outputs "
-                                         r"\['frame_tokens'\] in the manifest, not in the engine; outputs \['y'\] in "
-                                         r"the engine, not in the manifest; rebuild it with python -m export.trt"):
-        backend_mod.TensorrtStage(backend, AffineEngine(cudart), tmp_path / "affine.engine", bad)
-
-
 # ---- wired into python -m export.build and the runtime (stand-in tensorrt and GPU) -----------------------
 def engine_count(fake):
     return sum(call[0] == "profile" for call in fake.calls)          # one optimisation profile per engine built
@@ -496,38 +399,13 @@ def test_tensorrt_target_builds_the_engines_once_and_keeps_them_on_rerun(art, li
     assert read_manifest(out)["stages"]["vision"]["variants"][0]["built_with"] == {"tensorrt": "10.4.0.26", "sm": 87}
 
 
-def test_backends_put_tensorrt_first_and_run_only_engines(fake_gpu, monkeypatch):
-    from kernels import cuda_available
-    from runtime.backends import tensorrt as backend_mod
-    fake_gpu(FakeTensorRT())
-    monkeypatch.setattr(backend_mod, "import_cudart", HostCudart)
-    assert available_backends()[0] == "tensorrt"
-    monkeypatch.setattr(cuda_available, "cuda_available", lambda: (False, "no device"))
-    assert "tensorrt" not in available_backends()
+def test_tensorrt_runs_only_engines():
+    """Where the core's TensorRT backend runs (tests/test_c_backends.py) it comes first, for engine variants."""
     source, ort_cpu = {"file": "head_trt.onnx", "backend": "tensorrt"}, {"file": "head.onnx", "backend": "ort-cpu"}
     engine = {"file": "head.fp16.engine", "backend": "tensorrt"}
     assert choose_variant([source, ort_cpu], ["tensorrt", "ort-cpu"]) is ort_cpu
     assert choose_variant([source, ort_cpu, engine], ["tensorrt", "ort-cpu"]) is engine
     assert choose_variant([source], ["tensorrt"]) is None
-
-
-def test_pipeline_refuses_engines_built_by_another_tensorrt_or_for_another_gpu(art, library, tmp_path, fake_gpu, monkeypatch):
-    from kernels import cuda_available
-    out = copy_art(art, tmp_path)
-    fake_gpu(FakeTensorRT())
-    plan = trt.make_plan(out, plugin_library=library)
-    trt.record_engines(plan, trt.build_engines(plan, log=lambda *_: None))          # TensorRT 10.3.0.26, sm 87
-    monkeypatch.setattr(cuda_available, "compute_capability", lambda device=0: 80)
-    with pytest.raises(ManifestError, match=r"stage vision: vision.fp32.engine was built with TensorRT 10.3.0.26 for "
-                                            r"sm_87, this machine has TensorRT 10.3.0.26 and sm_80: rebuild the engines "
-                                            r"here \(python -m export.trt --artifacts .*\) or open the pipeline with "
-                                            r"backend='ort-cuda' or 'ort-cpu'"):
-        Pipeline.open(out, backend="tensorrt")
-    monkeypatch.setattr(cuda_available, "compute_capability", lambda device=0: 87)
-    sys.modules["tensorrt"].__version__ = "10.7.0.23"
-    with pytest.raises(ManifestError, match="this machine has TensorRT 10.7.0.23 and sm_87"):
-        Pipeline.open(out, backend="tensorrt")
-    assert Pipeline.open(out, backend="ort-cpu").chosen["head"]["file"] == "head.onnx"
 
 
 def test_frames_are_chunked_by_an_engine_profile_below_the_runtime_chunk(art, library):

@@ -1,13 +1,14 @@
-"""Backends run one stage on named numpy buffers:
+"""Backends run one stage on named numpy buffers. ONNX Runtime's are Python objects (ort.py):
 
-    stage = backend.open_stage(path, io=manifest["stages"][name])   # an ONNX file or an engine, its tensor
-                                                                    # names and dtypes checked against io
+    stage = backend.open_stage(path, io=manifest["stages"][name])   # an ONNX file, its tensor names and
+                                                                    # dtypes checked against io
     out = stage.infer({name: array}, outputs={name: array})          # numpy; preallocated outputs written in place
     stage.run(inputs, outputs, stage.new_context())                  # the C core's protocol: named memoryviews
 
-The manifest lists each stage's variants in order of preference; the pipeline takes the first that a
-backend of this machine runs (fastest backend first). The tensorrt backend runs engines only: a
-tensorrt variant that is an ONNX graph (head_trt.onnx) is an engine's source, not something to run.
+TensorRT's is C++ inside the core (tensorrt.py says where it is and whether it runs here). The manifest lists
+each stage's variants in order of preference; the pipeline takes the first that a backend of this machine
+runs (fastest backend first). The tensorrt backend runs engines only: a tensorrt variant that is an ONNX
+graph (head_trt.onnx) is an engine's source, not something to run.
 """
 from __future__ import annotations
 
@@ -19,14 +20,9 @@ from runtime.manifest import BACKENDS
 
 
 def tensorrt_usable() -> bool:
-    """TensorRT, cuda-python and a CUDA device: all that TensorrtBackend() needs."""
-    from .tensorrt import TensorrtUnavailable, import_cudart, require_tensorrt_and_gpu
-    try:
-        require_tensorrt_and_gpu("the tensorrt backend")
-        import_cudart()
-    except TensorrtUnavailable:
-        return False
-    return True
+    """The core's TensorRT backend is built, loads (libnvinfer) and has a CUDA device."""
+    from .tensorrt import backend_missing
+    return backend_missing() is None
 
 
 def available_backends() -> list[str]:
@@ -62,12 +58,10 @@ def choose_variant(variants: list[dict], available: list[str], precision: str | 
 
 
 def open_backend(name: str, threads: int | None = None, spin: bool = True):
+    """A Python backend (ONNX Runtime's); TensorRT's runs in the core (tensorrt.native_backend)."""
     if name in ("ort-cpu", "ort-cuda", "ort-openvino"):
         from .ort import OrtBackend
         return OrtBackend(name, threads, spin)
-    if name == "tensorrt":
-        from .tensorrt import TensorrtBackend
-        return TensorrtBackend()
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, found {name!r}")
 
 

@@ -226,6 +226,12 @@ static llamavid_error *read_variants(const json *m, int s, config *cfg) {
             return error_wrap(e, LLAMAVID_ERR_MANIFEST, f);
         if ((e = check_relative(f, o->file)) || (e = listed(m, f, o->file)))
             return e;
+        const json *built = json_get(v, "built_with");         /* {"tensorrt": "10.3.0.26", "sm": 87} */
+        for (const json *x = built && built->type == J_OBJ ? built->child : NULL; x; x = x->next) {
+            size_t n = strlen(o->built_with);
+            if (x->type == J_STR) snprintf(o->built_with + n, sizeof o->built_with - n, "%s%s=%s", n ? ";" : "", x->key, x->str);
+            else if (x->type == J_NUM) snprintf(o->built_with + n, sizeof o->built_with - n, "%s%s=%.17g", n ? ";" : "", x->key, x->num);
+        }
         const json *extra = json_get(v, "extra_files");
         for (const json *x = extra ? extra->child : NULL; x; x = x->next) {
             if (x->type != J_STR) return bad_field(f, "extra_files as strings", x);

@@ -53,7 +53,7 @@ typedef struct {
 } stage_spec;
 
 typedef struct {
-    char stage[16], role[16], backend[32], precision[16], file[512];
+    char stage[16], role[16], backend[32], precision[16], file[512], built_with[128];
     int32_t index;
 } variant_spec;
 

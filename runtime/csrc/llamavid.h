@@ -95,6 +95,8 @@ typedef struct {
     int32_t n_inputs;                  /* the dim is symbolic); data is NULL. A backend checks its graph or   */
     const llamavid_tensor *outputs;    /* engine against them.                                                */
     int32_t n_outputs;
+    const char *built_with;            /* what built the file (the manifest's built_with) as "key=value" pairs
+                                          joined by ';', e.g. "tensorrt=10.3.0.26;sm=87"; "" if not recorded */
 } llamavid_variant;
 
 /* A backend: a table of functions that run stages on named caller-owned buffers.
@@ -116,6 +118,26 @@ typedef struct llamavid_backend {
     void (*close_context)(void *stage, void *context);
     void (*close_stage)(void *stage);
 } llamavid_backend;
+
+/* ---- backends in shared libraries --------------------------------------------------------------- *
+ * A backend may live in a shared library (runtime/csrc/backends/tensorrt.cpp builds one) loaded by path. The
+ * library exports two C functions, named LLAMAVID_BACKEND_CREATE and LLAMAVID_BACKEND_FREE, of the types below.
+ * It uses no symbol of the core: every error it returns is made with the error_new it was given (the host's
+ * llamavid_error_new), so the host frees it. Options are strings (keys[i] = values[i]) that the library's
+ * header documents; an unknown key is an error. */
+#define LLAMAVID_BACKEND_CREATE "llamavid_backend_create"
+#define LLAMAVID_BACKEND_FREE "llamavid_backend_free"
+typedef llamavid_error *(*llamavid_error_new_fn)(llamavid_code code, const char *fmt, ...);
+typedef llamavid_error *(*llamavid_backend_create_fn)(int32_t api_version, llamavid_error_new_fn error_new,
+                                                      const char *const *keys, const char *const *values, int32_t n,
+                                                      llamavid_backend **out);
+typedef void (*llamavid_backend_free_fn)(llamavid_backend *backend);
+
+/* Opens the library at path (dlopen), checks its entry points and creates its backend with the options. *out is
+ * for llamavid_model_params.backends; unload it after every model that uses it is freed. */
+llamavid_error *llamavid_backend_load(const char *path, const char *const *keys, const char *const *values, int32_t n,
+                                      llamavid_backend **out);
+void llamavid_backend_unload(llamavid_backend *backend);            /* NULL is fine */
 
 /* ---- model: Config + Stages -------------------------------------------------------------------- */
 typedef struct llamavid_model llamavid_model;

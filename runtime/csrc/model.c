@@ -27,7 +27,7 @@ static llamavid_error *open_stage(llamavid_model *m, const char *dir, const llam
             snprintf(path, sizeof path, "%s/%s", dir, v->file);
             const stage_spec *io = &m->cfg.io[s];
             llamavid_variant var = {v->stage, v->role, v->backend, v->precision, v->file, path, v->index,
-                                    io->in_t, io->n_in, io->out_t, io->n_out};
+                                    io->in_t, io->n_in, io->out_t, io->n_out, v->built_with};
             void *handle = NULL;
             llamavid_error *e = be->open_stage(be->user, &var, &handle);
             if (e) {

@@ -1,11 +1,14 @@
 /* pymodule.c -- runtime._llamavid, the CPython extension over the C core.
  *
- *   Model(dir, stages, verify_hashes=False, manifest_sha256=None)  stages: {"vision"|"head"|"llm"|"llm_prefill": (variant index, stage)}
+ *   Model(dir, stages, verify_hashes=False, native=(), manifest_sha256=None)
+ *                                            stages: {"vision"|"head"|"llm"|"llm_prefill": (variant index, stage)}
  *                                            where stage.run(inputs, outputs, context) runs one call on
  *                                            {name: memoryview} buffers the core owns (zero-copy, buffer protocol)
  *                                            and stage.new_context() (optional) makes per-session state;
  *                                            a stage with `incremental = True` is handed only the tensors whose
  *                                            buffer, shape or dtype changed since its last call in that context
+ *                                            native: [(library path, {option: value})], backends in shared
+ *                                            libraries (llamavid_backend_load, e.g. TensorRT), tried after stages
  *   Session(model, n_ctx=0, n_batch=0, frame_chunk=0)   .prompt(...) .next(sampler) .rollback(p) .reset() ...
  *   Sampler(n_vocab, temperature=0, top_k=0, top_p=1, repetition_penalty=1, seed=0)   .sample(logits, history)
  *   rng_doubles(seed, n)
@@ -233,35 +236,77 @@ static int get_buffer(PyObject *obj, Py_buffer *b, char kind, int ndim, const ch
 }
 
 /* ---- Model ---------------------------------------------------------------------------------------------------------- */
+#define MAX_NATIVE 4
+
 typedef struct {
     PyObject_HEAD
     llamavid_model *m;
     PyObject *stages;
     llamavid_backend backend;
+    llamavid_backend *native[MAX_NATIVE];   /* loaded backend libraries, unloaded after the model is freed */
+    int n_native;
     llamavid_model_info info;
 } ModelObject;
 
 static void Model_dealloc(ModelObject *self) {
     llamavid_model_free(self->m);
+    for (int i = 0; i < self->n_native; i++) llamavid_backend_unload(self->native[i]);
     Py_XDECREF(self->stages);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* native: [(path, {option: value})] -> self->native, loaded with llamavid_backend_load; -1 with an exception. */
+static int load_native(ModelObject *self, PyObject *native) {
+    PyObject *seq = PySequence_Fast(native, "native: expected a sequence of (library path, {option: value})");
+    Py_ssize_t n = seq ? PySequence_Fast_GET_SIZE(seq) : 0;
+    if (n > MAX_NATIVE) PyErr_Format(PyExc_ValueError, "native: expected at most %d libraries, found %zd", MAX_NATIVE, n);
+    for (Py_ssize_t i = 0; seq && !PyErr_Occurred() && i < n; i++) {
+        const char *path, *keys[32], *values[32];
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *options, *key, *value;
+        Py_ssize_t pos = 0;
+        int32_t k = 0;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "sO!", &path, &PyDict_Type, &options)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "native[%zd]: expected (library path, {option: value}), found %R", i, item);
+            break;
+        }
+        while (k < 32 && PyDict_Next(options, &pos, &key, &value)) {
+            keys[k] = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+            values[k] = PyUnicode_Check(value) ? PyUnicode_AsUTF8(value) : NULL;
+            if (!keys[k] || !values[k]) break;
+            k++;
+        }
+        if (k < PyDict_Size(options)) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "native %s: expected at most 32 options, each a str: str, found %R", path,
+                             options);
+            break;
+        }
+        llamavid_error *e = llamavid_backend_load(path, keys, values, k, &self->native[self->n_native]);
+        if (e) raise_error(e);
+        else self->n_native++;
+    }
+    Py_XDECREF(seq);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"dir", "stages", "verify_hashes", "manifest_sha256", NULL};
+    static char *names[] = {"dir", "stages", "verify_hashes", "native", "manifest_sha256", NULL};
     const char *dir, *digest = NULL;
-    PyObject *stages;
+    PyObject *stages, *native = NULL;
     int verify = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|pz", names, &dir, &PyDict_Type, &stages, &verify, &digest))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|pOz", names, &dir, &PyDict_Type, &stages, &verify, &native, &digest))
         return -1;
-    if (self->m) { PyErr_SetString(PyExc_RuntimeError, "Model: already open"); return -1; }
+    if (self->m || self->n_native) { PyErr_SetString(PyExc_RuntimeError, "Model: already open"); return -1; }
+    if (native && native != Py_None && load_native(self, native) < 0) return -1;
     self->stages = Py_NewRef(stages);
     self->backend = (llamavid_backend){"python", stages, py_open_stage, py_open_context, py_run, py_close_context,
                                        py_close_stage};
-    const llamavid_backend *list[] = {&self->backend};
+    const llamavid_backend *list[1 + MAX_NATIVE] = {&self->backend};
+    for (int i = 0; i < self->n_native; i++) list[1 + i] = self->native[i];
     llamavid_model_params p = llamavid_model_default_params();
     p.backends = list;
-    p.n_backends = 1;
+    p.n_backends = 1 + self->n_native;
     p.verify_hashes = verify;
     p.manifest_sha256 = digest;
     llamavid_error *e = llamavid_model_open(dir, &p, &self->m);
