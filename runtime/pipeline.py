@@ -63,6 +63,19 @@ def frame_chunk(manifest: dict, chosen: dict) -> int:
     return min(limits)
 
 
+def _open_trtllm(root: Path, manifest: dict, backend: str | None):
+    """(TrtllmLLM, its variant) when the llm stage has a TensorRT-LLM engine that runs here (TensorRT-LLM and a
+    GPU present; no backend forced), else None. One-shot answers then decode there; streams keep their warm KV
+    cache in the core (TensorRT-LLM's engine flow has no KV cache a caller can append to and roll back)."""
+    if backend is not None:
+        return None
+    from .backends.trtllm import TrtllmLLM
+    for v in manifest["stages"]["llm"]["variants"]:
+        if v["backend"] == "trtllm" and TrtllmLLM.missing(root, v) is None:
+            return TrtllmLLM.open(root, v, manifest["llm"]), v
+    return None
+
+
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, stages: dict, chosen: dict, native=(),
                  manifest_sha256: str | None = None):
@@ -81,6 +94,7 @@ class Pipeline:
         self.tokenizer = text.LLMTokenizer(root / m["tokenizers"]["llm"], ids["bos"], ids["eos"])
         self.qformer_tokenizer = text.QFormerTokenizer(root / m["tokenizers"]["qformer"], m["tokenizers"]["qformer_max_length"])
         self._idle: list = []                   # core sessions not in use
+        self.trtllm = None                      # the LLM on TensorRT-LLM where it runs here (_open_trtllm)
         self._lock = threading.Lock()
 
     @classmethod
@@ -121,12 +135,16 @@ class Pipeline:
                 stages[key] = backends[v["backend"]].open_stage(root / v["file"], io=manifest["stages"][name])
             except ValueError as e:
                 raise ManifestError(f"artifacts {root}: stage {key}: {e}") from e
+        trtllm = _open_trtllm(root, manifest, backend)
         engines = any(v["backend"] == "tensorrt" for v in chosen.values())
         try:
-            return cls(root, manifest, stages, chosen, [native_backend(precision)] if engines else [],
+            pipe = cls(root, manifest, stages, chosen, [native_backend(precision)] if engines else [],
                        manifest_sha256.lower())
         except ValueError as e:                              # the core refuses the manifest
             raise ManifestError(str(e)) from e
+        if trtllm:
+            pipe.trtllm, pipe.chosen["llm"] = trtllm
+        return pipe
 
     def describe(self) -> str:
         return ", ".join(f"{s.replace('_', ' ')}: {v['file']} {v['precision']} on {v['backend']}"
@@ -199,6 +217,10 @@ class Pipeline:
         if steps <= 0:
             return
         q = dict(zip(("qformer_ids", "qformer_mask"), self.qformer_tokenizer([question]))) if pixels is not None else {}
+        if self.trtllm is not None:
+            yield from self._generate_trtllm(ids, pixels, embeds, q, steps, dict(
+                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed))
+            return
         sampler = _llamavid.Sampler(self.info["vocab_size"], temperature if do_sample else 0.0, top_k, top_p,
                                     repetition_penalty, seed)
         with self.session(P + steps) as s:
@@ -210,6 +232,18 @@ class Pipeline:
                 yield token
                 if token == self.eos:
                     return
+
+    def _generate_trtllm(self, ids, pixels, embeds, q, steps: int, sampling: dict) -> Iterator[int]:
+        """The LLM on TensorRT-LLM: the frames' tokens from the core's vision and head (embeddings out), placed as
+        a prompt table behind fake ids; TensorRT-LLM's own sampler (greedy answers are the same as the core's)."""
+        from .backends.trtllm import place_visual_tokens
+        if pixels is not None:
+            embeds = np.empty((len(pixels), self.info["tokens_per_frame"], self.info["hidden"]), np.float32)
+            with self.session(1) as s:
+                s.encode(pixels, q["qformer_ids"], q["qformer_mask"], embeds)
+            embeds = embeds.reshape(-1, self.info["hidden"])
+        placed, table = place_visual_tokens(ids.tolist(), embeds, self.info["vocab_size"], self.image_id)
+        yield from self.trtllm.generate(placed, table if embeds is not None else None, steps, [self.eos], sampling)
 
     def answer_stream(self, ids: list[int], pixels, question: str, **sampling) -> Iterator[str]:
         """generate() as text pieces whose concatenation is the final decoded, stripped answer."""

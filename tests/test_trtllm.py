@@ -489,3 +489,20 @@ def test_gpu_engine_answers_with_the_reference_greedy_tokens(default_model, tmp_
         want = m.generate(torch.tensor([ids]), [video], [QUESTION], max_new_tokens=16)[0].tolist()
     placed, table = place_visual_tokens(ids, visual, m.config.llm.vocab_size)
     assert list(llm.generate(placed, table, 16, [m.config.llm.eos_id], {})) == want
+
+
+def test_pipeline_decodes_on_trtllm_where_it_runs(tmp_path, stand_ins):
+    """With TensorRT-LLM and a GPU (stand-ins here), Pipeline.open puts the LLM on the engine: the frames' tokens
+    come from the core's vision and head (embeddings out) as a prompt table, and greedy answers are the
+    reference's."""
+    from runtime.pipeline import Pipeline
+    stand_ins.setitem(sys.modules, "tensorrt", None)
+    ckpt = tiny_checkpoint(tmp_path, fused=True)
+    out = build_mod.build(ckpt, "fp32", tmp_path / "art", "auto", log=quiet)
+    pipe = Pipeline.open(out)
+    assert pipe.trtllm is not None and pipe.chosen["llm"]["backend"] == "trtllm"
+    ref = llamavid_ref.load(ckpt)
+    video = np.random.default_rng(4).standard_normal((3, 3, 28, 28)).astype(np.float32)
+    for q in ("what color is the square ?", "how many shapes are there ?"):
+        assert pipe.ask(video, q, max_new_tokens=10) == ref.ask(torch.from_numpy(video), q, max_new_tokens=10)
+    assert TwinRunner.calls[-1][1] == (1, 6, 64) and Pipeline.open(out, backend="ort-cpu").trtllm is None

@@ -264,6 +264,12 @@ llamavid_error *llamavid_session_generate(llamavid_session *s, llamavid_sampler 
                                           llamavid_token_fn on_token, void *user, int32_t *n_tokens);
 /* The stop tokens (at most 16; none: answers end only at max_new_tokens or a full cache). Default: eos. */
 llamavid_error *llamavid_session_set_stop(llamavid_session *s, const int32_t *ids, int32_t n);
+/* Embeddings out: frames [n_frames,3,S,S] --|vision|--|head|--> their tokens [n_frames, tokens_per_frame, H] into
+ * `out` (the caller's), frame_chunk frames a call, with the question's Q-Former ids [1,n_qformer]. The KV
+ * cache is not touched (for an LLM that runs elsewhere, e.g. a TensorRT-LLM prompt table). */
+llamavid_error *llamavid_session_encode(llamavid_session *s, const float *pixels, int32_t n_frames,
+                                        const int64_t *qformer_ids, const int64_t *qformer_mask, int32_t n_qformer,
+                                        float *out);
 /* Logits [vocab] of the last position, NULL when none are ready (no prompt yet, or after a rollback). */
 const float *llamavid_session_logits(const llamavid_session *s);
 int32_t llamavid_session_position(const llamavid_session *s);                   /* -1 for NULL */

@@ -499,6 +499,37 @@ out:
     return result;
 }
 
+static PyObject *Session_encode(SessionObject *self, PyObject *args) {
+    PyObject *o[4];
+    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]) || !usable(self)) return NULL;
+    static const struct { char kind; int ndim; const char *what; } spec[4] = {
+        {'f', 4, "pixels"}, {'q', 2, "qformer_ids"}, {'q', 2, "qformer_mask"}, {'f', 0, "out"}};
+    Py_buffer b[4];
+    int held = 0;
+    PyObject *r = NULL;
+    for (; held < 4; held++)
+        if (get_buffer(o[held], &b[held], spec[held].kind, spec[held].ndim, spec[held].what) < 0) goto out;
+    const llamavid_model_info *i = &self->model->info;
+    Py_ssize_t want = b[0].shape[0] * i->tokens_per_frame * i->hidden * 4;
+    if (b[3].readonly || b[3].len != want || b[1].shape[1] != b[2].shape[1] || b[0].shape[1] != 3 ||
+        b[0].shape[2] != i->image_size || b[0].shape[3] != i->image_size) {
+        PyErr_Format(PyExc_ValueError, "encode: expected pixels [T,3,%d,%d], Q-Former ids and mask [1,L] and a writable "
+                     "float32 out of T x %d x %d values", i->image_size, i->image_size, i->tokens_per_frame, i->hidden);
+        goto out;
+    }
+    llamavid_error *e;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    e = llamavid_session_encode(self->s, b[0].buf, (int32_t)b[0].shape[0], b[1].buf, b[2].buf, (int32_t)b[1].shape[1],
+                                b[3].buf);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    r = e ? raise_error(e) : Py_NewRef(Py_None);
+out:
+    for (int k = 0; k < held; k++) PyBuffer_Release(&b[k]);
+    return r;
+}
+
 static PyObject *Session_next(SessionObject *self, PyObject *arg) {
     if (!PyObject_TypeCheck(arg, &SamplerType) || !((SamplerObject *)arg)->s) {
         PyErr_SetString(PyExc_TypeError, "next: expected a Sampler");
@@ -597,6 +628,8 @@ static PyMethodDef Session_methods[] = {
     {"prompt", (PyCFunction)(void (*)(void))Session_prompt, METH_VARARGS | METH_KEYWORDS,
      "prompt(ids int32, pixels=None float32 [T,3,S,S], qformer_ids=None int64 [1,L], qformer_mask=None, "
      "image_counts=None int32, embeds=None float32 [R,H]): append to the KV cache; logits ready"},
+    {"encode", (PyCFunction)Session_encode, METH_VARARGS, "encode(pixels, qformer_ids, qformer_mask, out float32 "
+     "[T,n+1,H]): the frames' tokens, the KV cache untouched"},
     {"next", (PyCFunction)Session_next, METH_O, "next(sampler) -> token (eos ends the answer; -1: the cache is full)"},
     {"set_stop", (PyCFunction)Session_set_stop, METH_O, "set_stop(ids): the tokens that end an answer (default: eos)"},
     {"logits", (PyCFunction)Session_logits, METH_NOARGS, "logits() -> bytes of float32 [V], or None"},

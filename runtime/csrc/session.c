@@ -189,6 +189,26 @@ static llamavid_error *frame_tokens(llamavid_session *s, const llamavid_prompt *
     return NULL;
 }
 
+llamavid_error *llamavid_session_encode(llamavid_session *s, const float *pixels, int32_t n_frames,
+                                        const int64_t *qids, const int64_t *qmask, int32_t L, float *out) {
+    CHECK_SESSION("llamavid_session_encode", s);
+    if (!pixels || !out || n_frames < 0 || !qids || !qmask || L < 1)
+        return llamavid_error_new(LLAMAVID_ERR_ARGUMENT, "llamavid_session_encode: expected pixels, n_frames >= 0, the "
+                                  "question's Q-Former ids and mask [1,L>=1] and an output buffer");
+    const llamavid_model_info *i = &s->m->cfg.info;
+    const size_t px = 3 * (size_t)i->image_size * (size_t)i->image_size, tok = (size_t)i->tokens_per_frame * (size_t)i->hidden;
+    double t0 = now_seconds();
+    llamavid_error *e = NULL;
+    for (int32_t f = 0; f < n_frames && !e; f += s->frame_chunk) {
+        int32_t n = n_frames - f < s->frame_chunk ? n_frames - f : s->frame_chunk;
+        if (!(e = session_encode(s, pixels + (size_t)f * px, n, qids, qmask, L, 1)))
+            memcpy(out + (size_t)f * tok, s->frame_tokens, (size_t)n * tok * sizeof(float));
+    }
+    s->chunk_len = 0;
+    s->stats.api_seconds += now_seconds() - t0;
+    return e;
+}
+
 llamavid_error *session_rows(llamavid_session *s, const float *rows, const int32_t *ids, int32_t n) {
     llamavid_error *e = NULL;
     for (int32_t r = 0; r < n && !e; r++)
