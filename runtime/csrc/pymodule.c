@@ -414,14 +414,45 @@ typedef struct {
     int busy;          /* a call is running on another thread */
 } SessionObject;
 
-static int usable(SessionObject *self) {
-    if (!self->s) { PyErr_SetString(PyExc_ValueError, "session: expected an open session, found a closed one"); return 0; }
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "session: expected one call at a time, found another call running on it "
-                        "(use one session per thread)");
+/* A session's or stream's handle h is open and no call runs on it (else an exception, 0). */
+static int open_and_idle(const void *h, int busy, const char *what) {
+    if (!h) {
+        PyErr_Format(PyExc_ValueError, "%s: expected an open %s, found a closed one", what, what);
+        return 0;
+    }
+    if (busy) {
+        PyErr_Format(PyExc_RuntimeError, "%s: expected one call at a time, found another call running on it (use one "
+                     "%s per thread)", what, what);
         return 0;
     }
     return 1;
+}
+
+static int usable(SessionObject *self) { return open_and_idle(self->s, self->busy, "session"); }
+
+/* next(sampler) on session s with the GIL released; *busy marks the call. */
+static PyObject *next_token(llamavid_session *s, PyObject *sampler, int *busy) {
+    if (!PyObject_TypeCheck(sampler, &SamplerType) || !((SamplerObject *)sampler)->s) {
+        PyErr_SetString(PyExc_TypeError, "next: expected a Sampler");
+        return NULL;
+    }
+    int32_t token;
+    llamavid_error *e;
+    *busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    e = llamavid_session_next(s, ((SamplerObject *)sampler)->s, &token);
+    Py_END_ALLOW_THREADS
+    *busy = 0;
+    return e ? raise_error(e) : PyLong_FromLong(token);
+}
+
+static PyObject *stats_object(const llamavid_session *session) {
+    llamavid_stats s;
+    llamavid_error *e = llamavid_session_stats(session, &s);
+    if (e) return raise_error(e);
+    return Py_BuildValue("{s(LLLL) s(dddd) sd sL}", "calls", s.calls[0], s.calls[1], s.calls[2], s.calls[3],
+                         "stage_seconds", s.stage_seconds[0], s.stage_seconds[1], s.stage_seconds[2], s.stage_seconds[3],
+                         "api_seconds", s.api_seconds, "tokens", s.tokens);
 }
 
 static void Session_close_impl(SessionObject *self) {
@@ -531,19 +562,7 @@ out:
 }
 
 static PyObject *Session_next(SessionObject *self, PyObject *arg) {
-    if (!PyObject_TypeCheck(arg, &SamplerType) || !((SamplerObject *)arg)->s) {
-        PyErr_SetString(PyExc_TypeError, "next: expected a Sampler");
-        return NULL;
-    }
-    if (!usable(self)) return NULL;
-    int32_t token;
-    llamavid_error *e;
-    self->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    e = llamavid_session_next(self->s, ((SamplerObject *)arg)->s, &token);
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
-    return e ? raise_error(e) : PyLong_FromLong(token);
+    return usable(self) ? next_token(self->s, arg, &self->busy) : NULL;
 }
 
 static PyObject *Session_set_stop(SessionObject *self, PyObject *arg) {
@@ -610,13 +629,7 @@ static PyObject *Session_kv_info(SessionObject *self, PyObject *unused) {
 
 static PyObject *Session_stats(SessionObject *self, PyObject *unused) {
     (void)unused;
-    if (!usable(self)) return NULL;
-    llamavid_stats s;
-    llamavid_error *e = llamavid_session_stats(self->s, &s);
-    if (e) return raise_error(e);
-    return Py_BuildValue("{s(LLLL) s(dddd) sd sL}", "calls", s.calls[0], s.calls[1], s.calls[2], s.calls[3],
-                         "stage_seconds", s.stage_seconds[0], s.stage_seconds[1], s.stage_seconds[2], s.stage_seconds[3],
-                         "api_seconds", s.api_seconds, "tokens", s.tokens);
+    return usable(self) ? stats_object(self->s) : NULL;
 }
 
 static PyObject *Session_position(SessionObject *self, void *closure) {
@@ -657,14 +670,7 @@ typedef struct {
     int busy;
 } StreamObject;
 
-static int stream_usable(StreamObject *self) {
-    if (!self->st) { PyErr_SetString(PyExc_ValueError, "stream: expected an open stream, found a closed one"); return 0; }
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "stream: expected one call at a time, found another call running on it");
-        return 0;
-    }
-    return 1;
-}
+static int stream_usable(StreamObject *self) { return open_and_idle(self->st, self->busy, "stream"); }
 
 static void Stream_dealloc(StreamObject *self) {
     llamavid_stream_free(self->st);
@@ -763,15 +769,7 @@ out:
 }
 
 static PyObject *Stream_next(StreamObject *self, PyObject *arg) {
-    if (!PyObject_TypeCheck(arg, &SamplerType) || !((SamplerObject *)arg)->s) {
-        PyErr_SetString(PyExc_TypeError, "next: expected a Sampler");
-        return NULL;
-    }
-    if (!stream_usable(self)) return NULL;
-    int32_t token;
-    llamavid_error *e;
-    STREAM_CALL(self, e, llamavid_session_next(llamavid_stream_session(self->st), ((SamplerObject *)arg)->s, &token));
-    return e ? raise_error(e) : PyLong_FromLong(token);
+    return stream_usable(self) ? next_token(llamavid_stream_session(self->st), arg, &self->busy) : NULL;
 }
 
 static PyObject *Stream_end(StreamObject *self, PyObject *unused) {
@@ -798,13 +796,7 @@ static PyObject *Stream_info(StreamObject *self, PyObject *unused) {
 
 static PyObject *Stream_stats(StreamObject *self, PyObject *unused) {
     (void)unused;
-    if (!stream_usable(self)) return NULL;
-    llamavid_stats s;
-    llamavid_error *e = llamavid_session_stats(llamavid_stream_session(self->st), &s);
-    if (e) return raise_error(e);
-    return Py_BuildValue("{s(LLLL) s(dddd) sd sL}", "calls", s.calls[0], s.calls[1], s.calls[2], s.calls[3],
-                         "stage_seconds", s.stage_seconds[0], s.stage_seconds[1], s.stage_seconds[2], s.stage_seconds[3],
-                         "api_seconds", s.api_seconds, "tokens", s.tokens);
+    return stream_usable(self) ? stats_object(llamavid_stream_session(self->st)) : NULL;
 }
 
 static PyObject *Stream_close(StreamObject *self, PyObject *unused) {
