@@ -35,12 +35,18 @@ QUESTION = "\x00question\x00"                   # where the question goes in the
 class Stream:
     def __init__(self, pipe, *, fps: float | None = None, n_ctx: int | None = None, focus_frames: int = 8,
                  focus_replace: bool = True, reserve: int = 64, evict_frames: int = 16, ingest: str = INGEST,
-                 long_video: bool = False, max_subtitle: int = 64):
+                 long_video: bool = False, max_subtitle: int = 64, feature_budget_mib: float | None = None):
         """fps: keep frames at this rate by their times (None: every pushed frame); n_ctx: KV positions (default:
         the model's context); focus_frames: the last frames re-encoded with each question (0: warm tier only);
         focus_replace: they replace their warm copies (else they follow them); reserve: positions kept for the
-        question and answer; long_video: the release's movie prompt, frames followed by subtitles."""
+        question and answer; long_video: the release's movie prompt, frames followed by subtitles;
+        feature_budget_mib: at most this much memory for the focus frames' kept vision features and tokens
+        (fewer focus frames if needed; info()["feature_bytes"] reports it)."""
         self.p, self.fps, self.long_video = pipe, fps, long_video
+        i = pipe.info
+        per_frame = 4 * (i["vision_tokens"] * i["vision_width"] + i["tokens_per_frame"] * i["hidden"])
+        if feature_budget_mib is not None:
+            focus_frames = min(focus_frames, int(feature_budget_mib * 2 ** 20 // per_frame))
         prompt = pipe.manifest["prompt"]
         user = f"{prompt['long_video']['intro']}\n{prompt['image_placeholder']}" if long_video else prompt["media_prefix"]
         before, self._after = pipe.prompt_text([(0, user + QUESTION), (1, None)]).split(prompt["image_placeholder"], 1)

@@ -190,3 +190,21 @@ def test_chat_on_a_video_longer_than_the_context_answers_through_a_stream(pipe, 
     assert chat_cli.main(["--artifacts", str(pipe.root), "--video", str(video), "--max-new-tokens", "6",
                           QUESTIONS[1]]) == 0
     assert capsys.readouterr().out.strip() == answer
+
+
+def test_a_source_with_corrupt_packets_or_cut_short_goes_on(pipe, tmp_path, monkeypatch, capsys):
+    """Bytes flipped in the middle of the file: the broken packets are skipped (and counted), the frames
+    before and after go in and the question is answered; a file cut short ends the stream, which still answers."""
+    video = tmp_path / "v.mp4"
+    write_video(video, np.random.default_rng(1).integers(0, 256, (40, 28, 28, 3), dtype=np.uint8), fps=4)
+    data = bytearray(video.read_bytes())
+    for k in range(len(data) // 3, len(data) // 3 + 600, 7):
+        data[k] ^= 0xFF
+    for name, blob in (("bad.mp4", bytes(data)), ("cut.mp4", bytes(data[: len(data) * 2 // 3]))):
+        (tmp_path / name).write_bytes(blob)
+        frames = list(stream_cli.frames_of(*stream_cli.open_source(str(tmp_path / name)), realtime=False))
+        assert 10 < len(frames) < 40
+        assert "corrupt packet(s) skipped" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTIONS[0] + "\n"))
+    assert stream_cli.main(["--artifacts", str(pipe.root), "--source", str(tmp_path / "bad.mp4"), "--fast"]) == 0
+    assert re.match(r"\[t=\d+\.\d s, \d+ frames held\] ", capsys.readouterr().out)
