@@ -29,8 +29,9 @@ end says what runs here):
           prefill too (a variant with role "prefill": the plain decoder graph, whose KV cache the runtime
           copies into the decoding variant's), while decoding stays on ort-cpu (OpenVINO re-plans every
           call whose shapes change: 6x slower per token)
-    int8  ORT dynamic quantisation (int8 per-channel weights, u8 activations) for ort-cpu; ort-cuda
-          keeps fp32 (ORT's dynamic-quantisation ops are CPU kernels)
+    int8  calib/ (--calib DATA, --calib-method): vision and head static int8 Q/DQ graphs calibrated on clips
+          (ort-cpu, and TensorRT's explicit int8; plus a calibration cache for its implicit flow), the LLM
+          weight-only int4 (--llm-weights; MatMulNBits) on ort-cpu; ort-cuda keeps the fp32 graphs
 """
 from __future__ import annotations
 
@@ -57,11 +58,13 @@ from .llm import export_llm, save_embeddings
 from .vision import export_vision
 
 PRECISIONS, TARGETS = ("fp16", "fp32", "int8"), ("auto", "ort", "tensorrt")
+LLM_WEIGHTS = ("int4", "int8")     # the int8 build's LLM: weight-only MatMulNBits
 HEAD_FORM = "keys"        # the reference form; "folded" measured no faster at 7B shapes (docs/BENCHMARKS.md)
 STATE = ".build"          # per-stage build records, inside the artifact directory
 # temporaries a killed writer leaves in an artifact directory (.staging of builds before the swap, .X.tmp-PID)
 LEFTOVER = re.compile(r"\.staging|manifest\.json\.tmp|\..+\.tmp(-\d+)?")
-SOURCE_DIRS = (Path(__file__).parent, Path(llamavid_ref.__file__).parent)   # the exporters and the modules they trace
+SOURCE_DIRS = (Path(__file__).parent, Path(llamavid_ref.__file__).parent,   # the exporters and the modules they trace,
+               Path(__file__).parent.parent / "calib")                     # and the int8 build's calibration
 
 
 class BuildError(RuntimeError):
@@ -112,27 +115,25 @@ def llm_form(cfg) -> str:
 # ---- stages: each writes files into `d` and returns its manifest variants --------------------------
 def _variants(stem: str, fp32_file: str, d: Path, precision: str, convert_src: Path, extra=(),
               cpu16: bool = False) -> list[dict]:
-    """fp32 file -> the variants the precision asks for (see the module docstring); cpu16: fp16 also lists
+    """fp32 file -> the fp32 or fp16 variants (see the module docstring; int8: calib/); cpu16: fp16 also lists
     the fp32 graph for ort-openvino at bf16."""
     extra = list(extra)
     fp32 = [{"file": fp32_file, "precision": "fp32", "backend": b, "extra_files": extra} for b in ("ort-cpu", "ort-cuda")]
     if precision == "fp32":
         return fp32
-    if precision == "fp16":
-        f = f"{stem}.fp16.onnx"
-        common.to_fp16(convert_src, d / f)
-        bf16 = [{"file": fp32_file, "precision": OPENVINO_PRECISION, "backend": "ort-openvino", "extra_files": extra,
-                 "note": "the fp32 graph run by OpenVINO at bf16 (AMX / AVX512-BF16 CPUs)"}] if cpu16 else []
-        return bf16 + [{**fp32[0], "note": "fp16 requested: ORT's CPU provider would run fp16 as fp32 behind Casts"},
-                       {"file": f, "precision": "fp16", "backend": "ort-cuda", "extra_files": extra}]
-    f = f"{stem}.int8.onnx"
-    common.to_int8(convert_src, d / f)
-    return [{"file": f, "precision": "int8", "backend": "ort-cpu", "extra_files": extra,
-             "note": "ORT dynamic quantisation, per-channel int8 weights"}, fp32[1]]
+    f = f"{stem}.fp16.onnx"
+    common.to_fp16(convert_src, d / f)
+    bf16 = [{"file": fp32_file, "precision": OPENVINO_PRECISION, "backend": "ort-openvino", "extra_files": extra,
+             "note": "the fp32 graph run by OpenVINO at bf16 (AMX / AVX512-BF16 CPUs)"}] if cpu16 else []
+    return bf16 + [{**fp32[0], "note": "fp16 requested: ORT's CPU provider would run fp16 as fp32 behind Casts"},
+                   {"file": f, "precision": "fp16", "backend": "ort-cuda", "extra_files": extra}]
 
 
-def stage_vision(model, d: Path, precision: str) -> list[dict]:
+def stage_vision(model, d: Path, precision: str, calib=None) -> list[dict]:
     export_vision(model, d / "vision.onnx")
+    if precision == "int8":
+        from calib.stages import quantize_vision          # calib -> export: imported only for int8
+        return quantize_vision(model, d, calib)
     return _variants("vision", "vision.onnx", d, precision, d / "vision.onnx", cpu16=True)
 
 
@@ -141,24 +142,33 @@ def plugin_record(cfg) -> dict:
     return {**PLUGIN, "inputs": ["queries", "patches"], "outputs": ["context"], "scale": cfg.vision.width ** -0.5}
 
 
-def stage_head(model, d: Path, precision: str) -> list[dict]:
+def stage_head(model, d: Path, precision: str, calib=None) -> list[dict]:
     export_head(model, d / "head.onnx", HEAD_FORM)
     export_head(model, d / "head_trt.onnx", "plugin")
-    out = _variants("head", "head.onnx", d, precision, d / "head.onnx", cpu16=True)
+    if precision == "int8":
+        from calib.stages import quantize_head
+        out, trt_source = quantize_head(model, d, calib)
+    else:
+        out, trt_source = _variants("head", "head.onnx", d, precision, d / "head.onnx", cpu16=True), {}
     for v in out:
         v["form"] = HEAD_FORM
     source = {"file": "head_trt.onnx", "precision": precision, "backend": "tensorrt", "form": "plugin",
-              "plugin": plugin_record(model.config), "note": "engine built by export/trt.py where TensorRT exists"}
+              "plugin": plugin_record(model.config), "note": "engine built by export/trt.py where TensorRT exists",
+              **trt_source}
     return out + [source]
 
 
-def stage_llm(model, d: Path, precision: str) -> list[dict]:
+def stage_llm(model, d: Path, precision: str, calib=None) -> list[dict]:
     (d / "llm").mkdir(parents=True, exist_ok=True)
     form = llm_form(model.config)
     export_llm(model, d / "llm/decoder.onnx", form)
     save_embeddings(model, d / "llm/embed_tokens.npy")
-    out = _variants("llm/decoder", "llm/decoder.onnx", d, precision, d / "llm/decoder.onnx",
-                    extra=["llm/embed_tokens.npy"])
+    if precision == "int8":
+        from calib.stages import quantize_llm
+        out = quantize_llm(d, "llm/decoder.onnx", calib, extra=["llm/embed_tokens.npy"])
+    else:
+        out = _variants("llm/decoder", "llm/decoder.onnx", d, precision, d / "llm/decoder.onnx",
+                        extra=["llm/embed_tokens.npy"])
     for v in out:
         v["form"] = form
     if precision == "fp16":                      # the 16-bit CPU path prefills on ort-openvino (plain graph)
@@ -171,7 +181,7 @@ def stage_llm(model, d: Path, precision: str) -> list[dict]:
     return out
 
 
-def stage_tokenizers(model, d: Path, precision: str) -> list[dict]:
+def stage_tokenizers(model, d: Path, precision: str, calib=None) -> list[dict]:
     (d / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model.tokenizer.path, d / "tokenizer" / model.tokenizer.path.name)
     shutil.copyfile(model.qformer_tokenizer.vocab_file, d / "tokenizer/qformer_vocab.txt")
@@ -199,10 +209,14 @@ def resolve_target(target: str, log=print) -> str:
     return "ort" if missing else "tensorrt"
 
 
-def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "auto", log=print) -> Path:
+def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "auto", log=print, calib=None,
+          calib_method: str | None = None, llm_weights: str = "int4") -> Path:
+    """calib, calib_method, llm_weights: the int8 build's calibration clips (None: the ones shipped with the
+    default model), range method (calib.ranges.METHODS) and LLM weight precision (int4 | int8)."""
     from llamavid_ref.checkpoint import DEFAULT_MODEL_DIR
     if precision not in PRECISIONS:
         raise BuildError(f"--precision: expected one of {PRECISIONS}, found {precision!r}")
+    calibration = calibration_for(precision, calib, calib_method, llm_weights)
     resolved = resolve_target(target, log)
     ckpt_root = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL_DIR
     name = ckpt_root.resolve().name if checkpoint is not None else "llamavid-default"
@@ -212,7 +226,8 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
         _recover(out, ws)
         log(f"[build] loading {ckpt_root}")
         model = llamavid_ref.load(checkpoint)
-        key = build_key(ckpt_root, {"precision": precision, "target": resolved})
+        key = build_key(ckpt_root, {"precision": precision, "target": resolved,
+                                    **({"calibration": calibration.record()} if calibration else {})})
         new = ws / "next"
         try:
             (new / STATE).mkdir(parents=True, exist_ok=True)
@@ -223,13 +238,15 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
                     log(f"[build] {i}/{len(STEPS)} {stage}: unchanged, skipped")
                 else:
                     log(f"[build] {i}/{len(STEPS)} {stage}: exporting ...")
-                    prev = _export(new, stage, fn, model, precision, key)
+                    prev = _export(new, stage, fn, model, precision, key, calibration)
                     log(f"[build] {i}/{len(STEPS)} {stage}: wrote {', '.join(sorted(prev['files']))}")
                 files.update(prev["files"])
                 if stage in ("vision", "head", "llm"):
                     variants[stage] = prev["variants"]
             source = str(ckpt_root.resolve()) if checkpoint is not None else None
             manifest = make_manifest(model, name, precision, target, resolved, key, variants, files, source)
+            if calibration:
+                manifest["build"]["calibration"] = calibration.record()
             write_manifest(new, manifest)
             steps, failed = [s for s, _ in STEPS], None
             try:                                    # on failure the ONNX stages still go in place, as the message says
@@ -251,18 +268,35 @@ def build(checkpoint=None, precision: str = "fp16", out=None, target: str = "aut
     return out
 
 
-def _export(new: Path, stage: str, fn, model, precision: str, key: str) -> dict:
+def _export(new: Path, stage: str, fn, model, precision: str, key: str, calibration=None) -> dict:
     """Run one stage into new/.staging, move its files into `new`, record them."""
     staging = new / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    stage_variants = fn(model, staging, precision)
+    stage_variants = fn(model, staging, precision, calibration)
     names = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
     for n in names:
         (new / n).parent.mkdir(parents=True, exist_ok=True)
         (staging / n).replace(new / n)
     shutil.rmtree(staging)
     return _record(new, stage, {"key": key, "files": hash_files(new, names), "variants": stage_variants})
+
+
+def calibration_for(precision: str, data, method: str | None, llm_weights: str):
+    """calib.stages.Calibration for an int8 build (its clips found and hashed before anything is written), else
+    None; calibration options without --precision int8 are an error."""
+    if precision != "int8":
+        if data is not None or method is not None:
+            raise BuildError(f"--calib / --calib-method: expected --precision int8, found --precision {precision}")
+        return None
+    from calib.data import CalibrationError
+    from calib.stages import DEFAULT_METHOD, Calibration
+    if llm_weights not in LLM_WEIGHTS:
+        raise BuildError(f"--llm-weights: expected one of {LLM_WEIGHTS}, found {llm_weights!r}")
+    try:
+        return Calibration.of(data, method or DEFAULT_METHOD, int(llm_weights[3:]))
+    except CalibrationError as e:
+        raise BuildError(f"{e}; nothing was written") from e
 
 
 def step_engines(out: Path, manifest: dict, log=print, live: Path | None = None) -> dict:
@@ -584,9 +618,16 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in default model)")
     ap.add_argument("--out", default=None, help="output directory (default: artifacts/<model-name>/)")
     ap.add_argument("--target", choices=TARGETS, default="auto")
+    ap.add_argument("--calib", default=None, metavar="DATA", help="int8: calibration clips (a LLaVA-style .json, a "
+                    "folder with one, or a folder of videos [+ questions.txt]; default: the clips shipped with the "
+                    "default model)")
+    ap.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default=None,
+                    help="int8: activation range method (default: minmax)")
+    ap.add_argument("--llm-weights", choices=LLM_WEIGHTS, default="int4", help="int8: the LLM's weight-only precision")
     a = ap.parse_args(argv)
     try:
-        build(a.checkpoint, a.precision, a.out, a.target)
+        build(a.checkpoint, a.precision, a.out, a.target, calib=a.calib, calib_method=a.calib_method,
+              llm_weights=a.llm_weights)
     except (BuildError, ValueError, OSError) as e:      # ValueError: CheckpointError, ManifestError
         print(f"error: {e}", file=sys.stderr)
         return 2

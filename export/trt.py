@@ -11,7 +11,9 @@ CPU, and a short engine build with the TensorRT Python API.
         ops       every op is one TensorRT's ONNX parser imports (ONNX_PARSER_OPS), or a plan plugin
         plugin    each plugin node's attributes = the creator's name / version / namespace / fields
         library   the plugin library exists, or nvcc + TensorRT headers are here to build it
-        precision the layers kept in fp32; int8 has its calibration cache
+        precision the layers kept in fp32; int8: explicit (the graph's Q/DQ nodes, written by calib/) or
+                  implicit (an fp32 graph + a calibration cache with a scale for every MatMul input, made
+                  for that graph: the manifest records the graph's hash next to the cache calib/ writes)
     context attention  the head's ContextAttention as the plugin (head_trt.onnx) or as standard ops (the
               fp32 head.onnx): --context-attention auto follows python -m kernels.bench's figures
               (--kernel-bench JSON, default the H200 run kept in kernels/context_attention/measured.json)
@@ -21,13 +23,15 @@ CPU, and a short engine build with the TensorRT Python API.
     record_engines(plan) -> manifest.json lists the engines as "tensorrt" variants
 
     python -m export.trt --artifacts DIR [--plan-only] [--max-frames N] [--max-text N] [--precision P]
+                         [--int8 explicit|implicit] [--calibration-cache FILE]
 
 The LLM stage is not planned here: export/trtllm.py converts it for TensorRT-LLM and plans its engine.
 
 Precision in TensorRT 10 (weakly typed network): fp16/int8 are builder flags, and every layer of a
 type in FP32_LAYER_TYPES (normalization, softmax, reduce: LayerNorm statistics, attention
 probabilities, the content pooling mean) gets layer.precision = float32 and float32 outputs under
-OBEY_PRECISION_CONSTRAINTS. TensorRT 10.12 deprecated weak typing and 11 removes it; there the way
+OBEY_PRECISION_CONSTRAINTS. int8 adds the INT8 flag: an explicitly quantized graph (Q/DQ) says itself
+which tensors are int8; an fp32 graph gets a calibrator that replays the calibration cache. TensorRT 10.12 deprecated weak typing and 11 removes it; there the way
 is a strongly typed network from an ONNX graph with those ops kept fp32 by Casts. build_engine
 refuses fp16/int8 on TensorRT >= 11 rather than build something else.
 """
@@ -38,6 +42,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from itertools import product
@@ -51,6 +56,7 @@ FP32_ONNX_OPS = {"LayerNormalization": "NORMALIZATION", "GroupNormalization": "N
                  **{f"Reduce{r}": "REDUCE" for r in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2",
                                                      "LogSum", "LogSumExp", "SumSquare")}}
 DEFAULT_TENSORRT = "10.3"        # the oldest TensorRT the engines are meant for: JetPack 6
+INT8_MODES = ("explicit", "implicit")
 OPT_TEXT = 32                    # profile opt of the Q-Former text length: a typical question
 WORKSPACE_MIB = 1024
 CONTEXT_ATTENTION = ("auto", "plugin", "standard")
@@ -132,7 +138,8 @@ class StagePlan:
     plugins: tuple = ()
     plugin_node: dict | None = None     # the manifest's record of the plugin node (attributes, scale)
     workspace_bytes: int = WORKSPACE_MIB << 20
-    calibration_cache: str | None = None
+    calibration_cache: str | None = None        # implicit int8: the cache TensorRT reads
+    calibrated_sha256: str | None = None        # the graph the manifest says the cache was made for
     context_attention: dict | None = None   # head: plugin or standard ops, and the measurement behind it
 
 
@@ -188,10 +195,12 @@ def choose_context_attention(bench: dict | None, precision: str, frames: int, qu
                       f"kernel {row['kernel_ms']:.3f} ms vs {best} {standard[best]:.3f} ms"}
 
 
-def _trt_source(stage: str, entry: dict, plugin: bool = True) -> dict:
+def _trt_source(stage: str, entry: dict, plugin: bool = True, int8: bool = False) -> dict:
     """The variant TensorRT builds from: the stage's own tensorrt variant (unless plugin=False: the
-    head with standard ops), else its fp32 ONNX graph (TensorRT lowers precision itself)."""
+    head with standard ops), else (int8) its explicitly quantized graph, else its fp32 ONNX graph
+    (TensorRT lowers precision itself)."""
     for wanted in (lambda v: plugin and v["backend"] == "tensorrt" and v["file"].endswith(".onnx"),
+                   lambda v: int8 and v.get("quantization") == "explicit" and v["file"].endswith(".onnx"),
                    lambda v: v["precision"] == "fp32" and v["file"].endswith(".onnx")):
         for v in entry["variants"]:
             if wanted(v):
@@ -215,11 +224,15 @@ def _profile(io: dict, dims: dict) -> dict:
 def make_plan(root, manifest: dict | None = None, max_frames: int | None = None, max_text: int | None = None,
               precision: str | None = None, plugin_library=None, workspace_mib: int = WORKSPACE_MIB,
               tensorrt: str = DEFAULT_TENSORRT, calibration_cache=None, context_attention: str = "auto",
-              kernel_bench=KERNEL_BENCH) -> EnginePlan:
+              kernel_bench=KERNEL_BENCH, int8: str = "explicit") -> EnginePlan:
     """The engine plan of an artifact directory. manifest=None reads root/manifest.json (hashes checked).
     Profiles: frames 1..max_frames (opt = max: full chunks dominate a video), text 1..max_text (opt
     OPT_TEXT); the defaults are what the runtime asks for (runtime_dims). context_attention: auto
-    (choose_context_attention on the kernel_bench JSON), plugin or standard."""
+    (choose_context_attention on the kernel_bench JSON), plugin or standard.
+    int8 "explicit" builds from the stage's Q/DQ graph where the manifest has one; "implicit" (or a stage
+    without one) from its fp32 graph with `calibration_cache`, or the cache the manifest records for it."""
+    if int8 not in INT8_MODES:
+        raise PlanError(f"int8: expected one of {INT8_MODES}, found {int8!r}")
     if manifest is None:
         from runtime.manifest import read_manifest
         manifest = read_manifest(Path(root))
@@ -240,14 +253,20 @@ def make_plan(root, manifest: dict | None = None, max_frames: int | None = None,
         choice = None
         if src.get("plugin"):
             choice = _context_attention_choice(manifest, entry, p, max_frames, context_attention, kernel_bench)
-            src = _trt_source(stage, entry, plugin=choice["form"] == "plugin")
+            src = _trt_source(stage, entry, plugin=choice["form"] == "plugin", int8=p == "int8")
         io = {k: entry[k] for k in ("inputs", "outputs")}
         node = src.get("plugin")
+        cache, calibrated = None, None
+        if p == "int8" and (int8 == "implicit" or src.get("quantization") != "explicit"):
+            rec = src.get("trt_cache") or {}                 # {file, source, source_sha256}, written by calib/
+            src = {**src, "file": rec.get("source", src["file"])}
+            cache = calibration_cache or (Path(root) / rec["file"] if rec else None)
+            calibrated = None if calibration_cache else rec.get("source_sha256")
         stages.append(StagePlan(
             stage=stage, onnx=src["file"], engine=f"{stage}.{p}.engine", io=io, profile=_profile(io, dims),
             precision=p, fp32_layers=() if p == "fp32" else FP32_LAYER_TYPES,
             plugins=(creator,) if node else (), plugin_node=node, workspace_bytes=workspace_mib << 20,
-            calibration_cache=str(calibration_cache) if calibration_cache and p == "int8" else None,
+            calibration_cache=str(cache) if cache else None, calibrated_sha256=calibrated,
             context_attention=choice))
     notes = ["llm: not planned here (TensorRT-LLM: export/trtllm.py plans and builds its engine)"]
     positions = manifest.get("model", {}).get("config", {}).get("qformer", {}).get("max_positions")
@@ -475,8 +494,9 @@ def check_library(sp: StagePlan) -> list[Check]:
     return out
 
 
-def check_precision(sp: StagePlan, model) -> list[Check]:
-    """What stays fp32 (counted from the graph), and int8's calibration cache."""
+def check_precision(sp: StagePlan, model, root: Path | None = None) -> list[Check]:
+    """What stays fp32 (counted from the graph), and how int8 gets its scales: the graph's Q/DQ nodes, or a
+    calibration cache made for this graph."""
     if sp.precision == "fp32":
         return [Check("precision", sp.stage, True, "fp32 everywhere (TF32 off)")]
     kept: dict = {}
@@ -485,13 +505,75 @@ def check_precision(sp: StagePlan, model) -> list[Check]:
             kept[node.op_type] = kept.get(node.op_type, 0) + 1
     what = ", ".join(f"{n} {op}" for op, n in sorted(kept.items())) or "no such layer"
     msg = f"{sp.precision}; kept fp32 (layer types {', '.join(sp.fp32_layers)}): {what}"
-    if sp.precision == "int8":
-        cache = sp.calibration_cache
-        if not cache or not Path(cache).is_file():
-            return [Check("precision", sp.stage, False, f"{msg}; int8 needs a calibration cache: expected "
-                                                        f"--calibration-cache FILE, found {cache or 'none'}")]
-        msg += f"; calibration cache {cache}"
-    return [Check("precision", sp.stage, True, msg)]
+    if sp.precision != "int8":
+        return [Check("precision", sp.stage, True, msg)]
+    qdq = sum(n.op_type == "QuantizeLinear" for n in _nodes(model.graph))
+    if qdq:
+        ok = not sp.calibration_cache
+        return [Check("precision", sp.stage, ok, f"{msg}; explicit quantization: {qdq} QuantizeLinear nodes" if ok else
+                      f"{sp.onnx} is explicitly quantized ({qdq} QuantizeLinear nodes): expected no calibration "
+                      f"cache, found {sp.calibration_cache}; give the fp32 graph for implicit int8")]
+    problem = _cache_problem(sp, model, root)
+    if problem:
+        return [Check("precision", sp.stage, False, f"{msg}; implicit int8: {problem}")]
+    return [Check("precision", sp.stage, True, f"{msg}; implicit int8, calibration cache {sp.calibration_cache}")]
+
+
+def _cache_problem(sp: StagePlan, model, root: Path | None) -> str | None:
+    """Why the stage's calibration cache cannot serve its fp32 graph, or None."""
+    cache = sp.calibration_cache
+    if not cache or not Path(cache).is_file():
+        return f"int8 needs a calibration cache: expected --calibration-cache FILE, found {cache or 'none'}"
+    if sp.calibrated_sha256 and root is not None:
+        from runtime.manifest import sha256
+        have = sha256(Path(root) / sp.onnx)
+        if have != sp.calibrated_sha256:
+            return (f"{cache} was made for another model: calibrated on sha256 {sp.calibrated_sha256}, {sp.onnx} is "
+                    f"sha256 {have}; calibrate again (python -m export.build --precision int8)")
+    try:
+        _, scales = read_calibration_cache(cache)
+    except PlanError as e:
+        return str(e)
+    inits = {t.name for t in model.graph.initializer}
+    wanted = sorted({n.input[0] for n in _nodes(model.graph) if n.op_type == "MatMul" and n.input[1] in inits})
+    missing = [t for t in wanted if t not in scales]
+    if missing:
+        return (f"{cache}: expected a scale for every MatMul input of {sp.onnx}, found none for {len(missing)} of "
+                f"{len(wanted)} (e.g. {missing[0]!r}): a cache made for another model?")
+    return None
+
+
+# ---- int8 calibration caches (TensorRT's implicit-int8 flow) -----------------------------------------
+# A first line "TRT-<version>-EntropyCalibration2" (version = major * 10000 + minor * 100 + patch, e.g. 100300
+# for 10.3.0; TensorRT ignores a cache whose version or algorithm is not its own and calibrates again),
+# then "<tensor name>: <scale>" per tensor, the scale (amax / 127) as the big-endian hex of its float32.
+CACHE_ALGORITHM = "EntropyCalibration2"          # what _cache_calibrator, an IInt8EntropyCalibrator2, reads
+
+
+def cache_header(tensorrt: str) -> str:
+    major, minor, patch = (int(x) for x in (tensorrt.split(".") + ["0", "0"])[:3])
+    return f"TRT-{major * 10000 + minor * 100 + patch}-{CACHE_ALGORITHM}"
+
+
+def write_calibration_cache(path: Path, scales: dict, tensorrt: str = DEFAULT_TENSORRT) -> Path:
+    lines = [cache_header(tensorrt)] + [f"{name}: {struct.pack('>f', s).hex()}" for name, s in scales.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def read_calibration_cache(path: Path) -> tuple[str, dict]:
+    """-> (header, {tensor name: scale}); PlanError naming the line that is not in the format."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or not re.fullmatch(r"TRT-\d+-\w+", lines[0]):
+        raise PlanError(f"{path}: expected a first line like {cache_header(DEFAULT_TENSORRT)!r}, found "
+                        f"{lines[0][:60] if lines else 'an empty file'!r}")
+    scales = {}
+    for i, line in enumerate(lines[1:], 2):
+        name, _, value = line.rpartition(": ")
+        if not name or not re.fullmatch(r"[0-9a-fA-F]{8}", value):
+            raise PlanError(f"{path}:{i}: expected '<tensor>: <8 hex digits>', found {line[:60]!r}")
+        scales[name] = struct.unpack(">f", bytes.fromhex(value))[0]
+    return lines[0], scales
 
 
 def check_plan(plan: EnginePlan) -> list[Check]:
@@ -499,7 +581,7 @@ def check_plan(plan: EnginePlan) -> list[Check]:
     for sp in plan.stages:
         model = load_graph(Path(plan.root) / sp.onnx)
         out += (check_io(sp, model) + check_ops(sp, model, plan.tensorrt) + check_plugin_nodes(sp, model, plan.tensorrt)
-                + check_library(sp) + check_precision(sp, model))
+                + check_library(sp) + check_precision(sp, model, Path(plan.root)))
     return out
 
 
@@ -566,7 +648,9 @@ def build_engine(sp: StagePlan, root: Path, dest: Path, log=print) -> Path:
                     layer.set_output_type(j, trt.float32)
     if sp.precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _cache_calibrator(trt, Path(sp.calibration_cache).read_bytes())
+        if sp.calibration_cache:                     # implicit int8; a Q/DQ graph carries its own scales
+            cache = Path(sp.calibration_cache).read_text().split("\n", 1)[1]
+            config.int8_calibrator = _cache_calibrator(trt, (cache_header(trt.__version__) + "\n" + cache).encode())
     log(f"[trt] building {sp.engine} from {sp.onnx} ({sp.precision}, {network.num_layers} layers)")
     engine = builder.build_serialized_network(network, config)
     if engine is None:
@@ -651,7 +735,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plugin-library", default=None, help="default: build/kernels/libllamavid_trt_plugins.so")
     ap.add_argument("--workspace-mib", type=int, default=WORKSPACE_MIB)
     ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, help="oldest TensorRT the engines target (op table)")
-    ap.add_argument("--calibration-cache", default=None, help="int8: the TensorRT calibration cache")
+    ap.add_argument("--calibration-cache", default=None, help="implicit int8: the TensorRT calibration cache "
+                    "(default: the one the manifest records)")
+    ap.add_argument("--int8", choices=INT8_MODES, default="explicit", help="int8 from the Q/DQ graphs (explicit) or "
+                    "from the fp32 graphs and a calibration cache (implicit, TensorRT's calibration flow)")
     ap.add_argument("--context-attention", choices=CONTEXT_ATTENTION, default="auto",
                     help="the head's context attention: the plugin, standard ops, or auto (the faster in --kernel-bench)")
     ap.add_argument("--kernel-bench", default=str(KERNEL_BENCH), help="python -m kernels.bench --json output")
@@ -661,7 +748,7 @@ def main(argv=None) -> int:
         plan = make_plan(a.artifacts, max_frames=a.max_frames, max_text=a.max_text, precision=a.precision,
                          plugin_library=a.plugin_library, workspace_mib=a.workspace_mib, tensorrt=a.tensorrt,
                          calibration_cache=a.calibration_cache, context_attention=a.context_attention,
-                         kernel_bench=a.kernel_bench)
+                         kernel_bench=a.kernel_bench, int8=a.int8)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
