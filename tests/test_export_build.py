@@ -103,12 +103,12 @@ def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(built, tmp_path):
 
 def test_build_key_follows_the_traced_reference_sources(built, tmp_path, monkeypatch):
     ckpt, _ = built
-    dirs = [tmp_path / "export", tmp_path / "llamavid_ref"]
+    dirs = [tmp_path / d.name for d in build_mod.SOURCE_DIRS]
     for src, dst in zip(build_mod.SOURCE_DIRS, dirs):                 # the .py files build_key reads
         dst.mkdir()
         for p in src.glob("*.py"):
             shutil.copy(p, dst)
-    assert {d.name for d in build_mod.SOURCE_DIRS} == {"export", "llamavid_ref"}
+    assert [d.name for d in build_mod.SOURCE_DIRS] == ["export", "llamavid_ref", "calib"]
     monkeypatch.setattr(build_mod, "SOURCE_DIRS", tuple(dirs))
     key = build_mod.build_key(ckpt, {"precision": "fp16"})
     assert build_mod.build_key(ckpt, {"precision": "fp16"}) == key

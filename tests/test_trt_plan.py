@@ -124,7 +124,12 @@ def test_fp16_keeps_norms_softmax_and_reductions_fp32_and_int8_needs_a_cache(art
     int8 = trt.make_plan(art, precision="int8", plugin_library=library)
     assert "int8 needs a calibration cache: expected --calibration-cache FILE, found none" in failed(trt.check_plan(int8))[("head", "precision")]
     cache = tmp_path / "calib.cache"
-    cache.write_bytes(b"TRT-8601-EntropyCalibration2\n")
+    cache.write_bytes(b"TRT-8601-EntropyCalibration2\n")                  # a header and no scale
+    msg = failed(trt.check_plan(trt.make_plan(art, precision="int8", plugin_library=library, calibration_cache=cache)))
+    assert "found none for 8 of 8 (e.g. '/Reshape_4_output_0'): a cache made for another model?" in msg[("vision", "precision")]
+    names = [n.input[0] for g in ("vision.onnx", "head_trt.onnx") for n in onnx.load(str(art / g)).graph.node
+             if n.op_type == "MatMul"]
+    trt.write_calibration_cache(cache, dict.fromkeys(names, 0.01))       # both graphs' MatMul inputs
     assert failed(trt.check_plan(trt.make_plan(art, precision="int8", plugin_library=library, calibration_cache=cache))) == {}
 
 
