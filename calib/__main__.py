@@ -109,7 +109,7 @@ def _recorded(root: Path, m: dict, stage: str, graph: str):
 def _head_batches(root: Path, m: dict, clips, pre, chunk) -> list:
     import onnxruntime as ort
 
-    from llamavid_ref.tokenizer import QFormerTokenizer
+    from runtime.text import QFormerTokenizer
     vision = ort.InferenceSession(str(root / STAGES["vision"]), providers=["CPUExecutionProvider"])
     tok = QFormerTokenizer(root / m["tokenizers"]["qformer"], m["tokenizers"]["qformer_max_length"])
     return list(data.head_batches(clips, pre, chunk, lambda px: vision.run(None, {"pixel_values": px})[0], tok))

@@ -4,7 +4,7 @@
           train.json, val.json or test.json (the synthetic world's layout) | a folder of clips (+ questions.txt,
           one question per line, cycled; else QUESTIONS) | None: the clips shipped with the default model
       --clips()--> [Clip(video, question)]          data_sha256(): what the manifest records
-      --frames as the runtime samples them (load_video at the manifest's video_fps, preprocess_video)-->
+      --frames as the runtime samples them (runtime.media.load_video at the manifest's video_fps)-->
         vision batches  {"pixel_values": [F,3,S,S] float32}                      F <= frame_chunk per call
         head batches    {"vision_feats": fp32 vision(pixel_values) [F,N+1,Cv],
                          "qformer_ids", "qformer_mask": the clip's question [1,L] int64}
@@ -114,14 +114,12 @@ def data_sha256(clip_list: list[Clip]) -> str:
 
 
 def pixels(clip: Clip, pre: Preprocess) -> np.ndarray:
-    """[T,3,S,S] float32: the clip sampled and preprocessed as the runtime does."""
-    from llamavid_ref.preprocess import preprocess_video
-    from llamavid_ref.video import VideoError, load_video
+    """[T,3,S,S] float32: the clip sampled and preprocessed by the runtime's own code."""
+    from runtime.media import VideoError, load_video
     try:
-        frames = load_video(clip.video, fps=pre.video_fps).frames
+        return load_video(clip.video, pre.image_size, pre.mean, pre.std, pre.video_fps)[0]
     except VideoError as e:
         raise CalibrationError(f"calibration clip: {e}") from e
-    return preprocess_video(frames, pre.image_size, pre.mean, pre.std).numpy()
 
 
 def vision_batches(clip_list: list[Clip], pre: Preprocess, chunk: int) -> Iterator[dict]:
@@ -137,7 +135,7 @@ def head_batches(clip_list: list[Clip], pre: Preprocess, chunk: int, vision: Cal
     """{"vision_feats", "qformer_ids", "qformer_mask"} per call: the fp32 vision features of each chunk and the
     clip's question, as the runtime calls the head."""
     for clip in clip_list:
-        ids, mask = (t.numpy() for t in qformer_tokenizer([clip.question]))
+        ids, mask = (np.asarray(t, np.int64) for t in qformer_tokenizer([clip.question]))    # numpy or torch
         px = pixels(clip, pre)
         for i in range(0, len(px), chunk):
             yield {"vision_feats": vision(px[i:i + chunk]), "qformer_ids": ids, "qformer_mask": mask}

@@ -347,8 +347,8 @@ def bench_released_int8(work: Path, frames: int = 2, repeats: int = 2, threads=N
     from calib import data, qdq, ranges
     from export.head import export_head
     from export.vision import export_vision
-    from llamavid_ref.tokenizer import QFormerTokenizer
     from runtime.backends.ort import OrtBackend, openvino_bf16_cpu
+    from runtime.text import QFormerTokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -366,14 +366,14 @@ def bench_released_int8(work: Path, frames: int = 2, repeats: int = 2, threads=N
 
     calib = [next(data.vision_batches([c], pre, frames)) for c in clips[:calib_batches]]     # first frames of each
     got = {"vision": ranges.collect({"v": (vision, qdq.quantized_inputs(onnx_graph(vision)))}, calib, method)["v"]}
-    hcalib = [{"vision_feats": feats_of(b["pixel_values"]), "qformer_ids": ids.numpy(), "qformer_mask": mask.numpy()}
+    hcalib = [{"vision_feats": feats_of(b["pixel_values"]), "qformer_ids": ids, "qformer_mask": mask}
               for b, (ids, mask) in zip(calib, (tok([c.question]) for c in clips))]
     got["head"] = ranges.collect({"h": (head, qdq.quantized_inputs(onnx_graph(head)))}, hcalib, method)["h"]
     int8 = {"vision": qdq.insert_qdq(vision, work / "vision.int8.onnx", got["vision"]),
             "head": qdq.insert_qdq(head, work / "head.int8.onnx", got["head"])}
     clip = clips[-1]                                        # held out: not among the calibration clips
     px = data.pixels(clip, pre)[:frames]
-    ids, mask = (t.numpy() for t in tok([clip.question]))
+    ids, mask = tok([clip.question])
     pt, tids, tmask = torch.from_numpy(px), torch.from_numpy(ids), torch.from_numpy(mask)
     bf16 = copy.deepcopy(stub).to(torch.bfloat16)
     backend = OrtBackend("ort-cpu", threads, spin=False)
@@ -381,26 +381,26 @@ def bench_released_int8(work: Path, frames: int = 2, repeats: int = 2, threads=N
     with torch.no_grad():
         ref_feats = stub.vision(pt)
         ref_tokens = stub.head(ref_feats, tids.expand(frames, -1), tmask.expand(frames, -1)).numpy()
-        feats8 = ort8["vision"].run({"pixel_values": px})["vision_feats"]
+        feats8 = ort8["vision"].infer({"pixel_values": px})["vision_feats"]
         hfeeds = {"vision_feats": ref_feats.numpy(), "qformer_ids": ids, "qformer_mask": mask}
         bf_feats = bf16.vision(pt.bfloat16())
         out = {"frames": frames, "method": method, "calib_frames": sum(len(b["pixel_values"]) for b in calib), "cosine": {
             "vision": _cos(feats8, ref_feats.numpy()),
-            "head": _cos(ort8["head"].run(hfeeds)["frame_tokens"], ref_tokens),
-            "vision+head": _cos(ort8["head"].run({**hfeeds, "vision_feats": feats8})["frame_tokens"], ref_tokens),
+            "head": _cos(ort8["head"].infer(hfeeds)["frame_tokens"], ref_tokens),
+            "vision+head": _cos(ort8["head"].infer({**hfeeds, "vision_feats": feats8})["frame_tokens"], ref_tokens),
             "bf16 vision": _cos(bf_feats.float().numpy(), ref_feats.numpy()),
             "bf16 vision+head": _cos(bf16.head(bf_feats, tids.expand(frames, -1), tmask.expand(frames, -1)).float().numpy(),
                                      ref_tokens)}}
         runs = {"vision": {"torch_fp32": lambda: stub.vision(pt), "torch_bf16": lambda: bf16.vision(pt.bfloat16()),
-                           "ort_int8": lambda: ort8["vision"].run({"pixel_values": px})},
+                           "ort_int8": lambda: ort8["vision"].infer({"pixel_values": px})},
                 "head": {"torch_fp32": lambda: stub.head(ref_feats, tids.expand(frames, -1), tmask.expand(frames, -1)),
                          "torch_bf16": lambda: bf16.head(bf_feats, tids.expand(frames, -1), tmask.expand(frames, -1)),
-                         "ort_int8": lambda: ort8["head"].run(hfeeds)}}
+                         "ort_int8": lambda: ort8["head"].infer(hfeeds)}}
         if openvino_bf16_cpu() is not None:                 # the fp16 build's CPU path, where it runs
             ov = OrtBackend("ort-openvino", threads)
             stages = {"vision": ov.open_stage(vision), "head": ov.open_stage(head)}
-            runs["vision"]["ov_bf16"] = lambda: stages["vision"].run({"pixel_values": px})
-            runs["head"]["ov_bf16"] = lambda: stages["head"].run(hfeeds)
+            runs["vision"]["ov_bf16"] = lambda: stages["vision"].infer({"pixel_values": px})
+            runs["head"]["ov_bf16"] = lambda: stages["head"].infer(hfeeds)
         for stage, fns in runs.items():
             out[stage] = {k: sec / frames * 1e3 for k, sec in alternating(fns, repeats).items()}    # ms/frame
             print(f"[bench] int8 {stage}: {out[stage]}", file=sys.stderr)
