@@ -1,9 +1,10 @@
 """python -m calib --artifacts DIR [--data DATA] [--method M] [--top N]: per-stage ranges and int8 errors.
 
     DIR's fp32 vision and head graphs --ranges on DATA (method M; default: what DIR was calibrated with)-->
-        per quantized tensor: min, max, the calibrated amax, and the amax DIR recorded (checked to belong to
+        per quantized tensor: min, max, the amax on DATA, and the amax DIR recorded (checked to belong to
         these graphs: a ranges file made for another model is refused)
-    --Q/DQ graphs from those ranges (a temporary copy; DIR is not touched)--> both graphs run on DATA:
+    the int8 graph (DIR's own where it is an int8 build, else a temporary one from DATA's ranges; DIR is not
+    touched) and the fp32 graph run on DATA:
         cosine and max |int8 - fp32| / max |fp32| of the stage output and of every quantized MatMul's output
         (the worst N printed): where int8 loses accuracy, layer by layer
 
@@ -84,18 +85,26 @@ def inspect(root: Path, data_path, method: str | None, top: int, log=print) -> d
             for n in names:
                 rec = f"{recorded.amax[n]:.4g}" if recorded and n in recorded.amax else "-"
                 log(f"| {n} | {got.seen[n][0]:.4g} | {got.seen[n][1]:.4g} | {got.amax[n]:.4g} | {rec} |")
-            int8 = qdq.insert_qdq(src, Path(tmp) / f"{stage}.int8.onnx", got)
+            own = _int8_file(m, stage)
+            int8 = root / own if own else qdq.insert_qdq(src, Path(tmp) / f"{stage}.int8.onnx", got)
             model = onnx.load(str(src), load_external_data=False)
             outputs = [o.name for o in model.graph.output]
             matmuls = [n.output[0] for n in qdq.weight_matmuls(model)]
             errors = compare(src, int8, batches[stage], outputs + matmuls)
             rows = list(errors.rows(outputs))
             worst = sorted(errors.rows(matmuls), key=lambda r: r[1])[:top]
-            log(f"\nint8 vs fp32 on this data (cosine, max |err| / max |fp32|):\n| tensor | cosine | max rel err |\n|---|---|---|")
+            log(f"\n{own or 'int8 from these ranges'} vs {graph} on this data (cosine, max |err| / max |fp32|):\n"
+                f"| tensor | cosine | max rel err |\n|---|---|---|")
             for n, cos, rel in rows + worst:
                 log(f"| {n}{' (stage output)' if n in outputs else ''} | {cos:.6f} | {rel:.2e} |")
             summary[stage] = {"cosine": rows[0][1], "max_rel_err": rows[0][2]}
     return summary
+
+
+def _int8_file(m: dict, stage: str) -> str | None:
+    """The stage's ort-cpu int8 graph in the manifest, if any."""
+    return next((v["file"] for v in m["stages"][stage]["variants"]
+                 if v["precision"] == "int8" and v["backend"] == "ort-cpu"), None)
 
 
 def _recorded(root: Path, m: dict, stage: str, graph: str):

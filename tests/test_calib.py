@@ -78,18 +78,25 @@ def test_a_folder_of_clips_with_questions(tmp_path):
     assert got == [("a.mp4", "Where is the ball?"), ("b.mp4", "Who enters?"), ("c.mp4", "Where is the ball?")]
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda p: p.mkdir(), "found neither: an empty calibration set"),
-    (lambda p: None, "found nothing"),
-    (lambda p: p.with_suffix(".json").write_text("[]"), "expected at least one entry, found an empty list"),
-    (lambda p: p.with_suffix(".json").write_text('[{"image": "x.png"}]'), "entry 0: expected {'video': ..."),
+@pytest.mark.parametrize("name, content, expected", [
+    ("empty", None, "calibration data {p}: expected one of ['calib.json', 'train.json', 'val.json', 'test.json'] or "
+                    "video files (.mp4, .avi, .mkv, .mov, .webm), found neither: an empty calibration set"),
+    ("missing", False, "calibration data {p}: expected a LLaVA-style .json, a folder with one of ['calib.json', "
+                       "'train.json', 'val.json', 'test.json'], or a folder of clips (.mp4, .avi, .mkv, .mov, .webm); "
+                       "found nothing"),
+    ("d.json", "[]", "calibration data {p}: expected at least one entry, found an empty list"),
+    ("d.json", '[{"image": "x.png"}]', "calibration data {p}: entry 0: expected {{'video': ..., 'conversations': "
+                                       "[{{'value': question}}, ...]}}, found {{'image': 'x.png'}}"),
 ])
-def test_bad_calibration_data_is_named(tmp_path, make, expected):
-    path = tmp_path / "data"
-    make(path)
-    target = path.with_suffix(".json") if path.with_suffix(".json").exists() else path
-    with pytest.raises(data.CalibrationError, match=expected.replace("(", r"\(").replace("[", r"\[").replace("{", r"\{")):
-        data.clips(target)
+def test_bad_calibration_data_is_named(tmp_path, name, content, expected):
+    p = tmp_path / name
+    if content is None:
+        p.mkdir()
+    elif content:
+        p.write_text(content)
+    with pytest.raises(data.CalibrationError) as e:
+        data.clips(p)
+    assert str(e.value) == expected.format(p=p)
 
 
 # ---- ranges ---------------------------------------------------------------------------------------------
@@ -270,7 +277,7 @@ def test_int8_build_passes_the_tensorrt_plan_checks_explicit_and_implicit(tiny, 
     assert "a cache made for another model?" in bad[("vision", "precision")] and ("head", "precision") in bad
 
 
-def test_int8_pipeline_runs_and_the_calib_cli_inspects_it(tiny, capsys):
+def test_int8_pipeline_runs_and_the_calib_cli_inspects_it(tiny, tmp_path, capsys):
     ckpt, art = tiny
     pipe = Pipeline.open(art)
     assert pipe.describe() == ("vision: vision.int8.onnx int8 on ort-cpu, head: head.int8.onnx int8 on ort-cpu, "
@@ -278,11 +285,16 @@ def test_int8_pipeline_runs_and_the_calib_cli_inspects_it(tiny, capsys):
     assert calib_main(["--artifacts", str(art), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "[vision] vision.onnx: 32 batches, 8 quantized inputs" in out            # 32 clips of 8 frames
+    assert "vision.int8.onnx vs vision.onnx on this data" in out                     # the build's own int8 graph
     rows = [line for line in out.splitlines() if "(stage output)" in line]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0.999 for r in rows)       # tiny random weights
     recorded = ranges.load(art / "calib/head.ranges.json", {})["head"]
     name = sorted(recorded.amax)[0]
     assert f"| {name} |" in out and f"| {recorded.amax[name]:.4g} |" in out
+    fp32 = build_mod.build(ckpt, "fp32", tmp_path / "fp32", "ort", log=quiet)         # no int8 graph: made from DATA
+    assert calib_main(["--artifacts", str(fp32), "--method", "percentile", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 from these ranges vs head.onnx on this data" in out and "recorded: none" in out
 
 
 def test_calibration_failures_write_nothing(tiny, tmp_path):
