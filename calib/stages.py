@@ -62,19 +62,21 @@ class Calibration:
 
 
 def _write(d: Path, stem: str, graphs: dict, results: dict, cal: Calibration) -> dict:
-    """Q/DQ graphs, the ranges file and the TensorRT cache of one stage -> the calibration record of its variants.
-    graphs: {key: (fp32 source file, int8 file)}; the last key's source is the one TensorRT calibrates from."""
+    """Per graph {key: (fp32 source file, int8 file)}: the Q/DQ graph and the TensorRT cache calib/<key>.trt.cache;
+    the stage's ranges file -> the calibration record of its variants."""
     (d / "calib").mkdir(exist_ok=True)
     for key, (src, dst) in graphs.items():
-        qdq.insert_qdq(d / src, d / dst, results[key])
+        r = results[key]
+        qdq.insert_qdq(d / src, d / dst, r)
+        trt.write_calibration_cache(d / f"calib/{key}.trt.cache", {n: r.scale(n) for n in sorted(r.amax)})
     ranges.save(d / f"calib/{stem}.ranges.json", results)
-    r = results[list(graphs)[-1]]
-    trt.write_calibration_cache(d / f"calib/{stem}.trt.cache", {n: r.scale(n) for n in sorted(r.amax)})
     return {"method": cal.method_name, "data_sha256": cal.sha256, "ranges": f"calib/{stem}.ranges.json"}
 
 
-def _trt_cache(d: Path, stem: str, source: str) -> dict:
-    return {"file": f"calib/{stem}.trt.cache", "source": source, "source_sha256": sha256(d / source)}
+def _trt_cache(d: Path, source: str) -> dict:
+    """A variant's record of the implicit-int8 alternative: the cache for the fp32 `source` graph."""
+    return {"file": f"calib/{source.removesuffix('.onnx')}.trt.cache", "source": source,
+            "source_sha256": sha256(d / source)}
 
 
 def quantize_vision(model, d: Path, cal: Calibration) -> list[dict]:

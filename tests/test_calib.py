@@ -259,8 +259,12 @@ def test_int8_build_passes_the_tensorrt_plan_checks_explicit_and_implicit(tiny, 
     assert "explicit quantization" in next(c.message for c in checks if c.name == "precision" and c.stage == "head")
     implicit = trt.make_plan(art, plugin_library=library, int8="implicit")
     assert [(sp.onnx, sp.calibration_cache) for sp in implicit.stages] == [
-        ("vision.onnx", str(art / "calib/vision.trt.cache")), ("head_trt.onnx", str(art / "calib/head.trt.cache"))]
+        ("vision.onnx", str(art / "calib/vision.trt.cache")), ("head_trt.onnx", str(art / "calib/head_trt.trt.cache"))]
     assert [c for c in trt.check_plan(implicit) if not c.ok] == []
+    for mode, head in (("explicit", ("head.int8.onnx", None)), ("implicit", ("head.onnx", str(art / "calib/head.trt.cache")))):
+        standard = trt.make_plan(art, plugin_library=library, int8=mode, context_attention="standard")
+        assert (standard.stages[1].onnx, standard.stages[1].calibration_cache) == head     # the head without the plugin
+        assert [c for c in trt.check_plan(standard) if not c.ok] == []
     assert trt.main(["--artifacts", str(art), "--plan-only", "--plugin-library", str(library), "--int8", "implicit"]) == 0
     # a cache recorded for another model: the manifest's hash of the graph it was made for differs
     m = read_manifest(art)
@@ -289,7 +293,7 @@ def test_int8_pipeline_runs_and_the_calib_cli_inspects_it(tiny, tmp_path, capsys
     rows = [line for line in out.splitlines() if "(stage output)" in line]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0.999 for r in rows)       # tiny random weights
     recorded = ranges.load(art / "calib/head.ranges.json", {})["head"]
-    name = sorted(recorded.amax)[0]
+    name = qdq.quantized_inputs(onnx.load(str(art / "head.onnx")))[0]
     assert f"| {name} |" in out and f"| {recorded.amax[name]:.4g} |" in out
     fp32 = build_mod.build(ckpt, "fp32", tmp_path / "fp32", "ort", log=quiet)         # no int8 graph: made from DATA
     assert calib_main(["--artifacts", str(fp32), "--method", "percentile", "--top", "0"]) == 0
