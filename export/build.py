@@ -273,7 +273,7 @@ def _export(new: Path, stage: str, fn, model, precision: str, key: str, calibrat
     staging = new / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    stage_variants = fn(model, staging, precision, calibration)
+    stage_variants = fn(model, staging, precision, **({"calib": calibration} if calibration else {}))
     names = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
     for n in names:
         (new / n).parent.mkdir(parents=True, exist_ok=True)
