@@ -22,7 +22,10 @@ same file) reads it through read_manifest. Layout, version 3:
                                         variants: [{file, precision, backend, form, role?, ...}]}}
                      role "prefill" (llm only): a graph the runtime may use for the first call of an answer,
                      next to the variant it decodes with (it copies the prefill's KV cache into that one's)
-      "build":       requested precision and target, build key, checkpoint
+                     int8 builds (calib/): quantization ("explicit" Q/DQ | "weight-only"), calibration {method,
+                     data_sha256, ranges}, trt_cache {file, source fp32 graph, source_sha256}; precision "int4" (LLM)
+      "build":       requested precision and target, build key, checkpoint; int8: calibration {method, data
+                     {source, clips, sha256}, llm_weights}
       "versions":    package, onnx, onnxruntime, torch
       "files":       {relative path: sha256} for every file the directory holds
     }
