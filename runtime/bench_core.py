@@ -4,7 +4,7 @@
     core       Session.next(): the C core samples, embeds the token and calls the llm stage (ORT through the
                extension's python backend: cached IO bindings on the core's buffers)
     python     the per-token loop of the Python pipeline before the C core: the embedding row copied into a
-               step buffer, every tensor bound anew, the arg max through torch (its sampler)
+               step buffer, every tensor bound anew, the arg max (numpy here: it took torch's, a little slower)
     ort alone  run_with_iobinding on one binding, only the attention mask rebound per token: the floor any
                runtime on this graph pays
 
@@ -46,7 +46,6 @@ def core_decode(pipe, prompt_len: int, steps: int) -> dict:
 
 def python_decode(pipe, prompt_len: int, steps: int) -> dict:
     """The pre-core Python pipeline's decode loop on the same llm stage (shared KV layout)."""
-    import torch
     m, llm = pipe.manifest["llm"], pipe.stages["llm"]
     cap, H, V = prompt_len + steps + 2, pipe.info["hidden"], pipe.info["vocab_size"]
     kv = [np.zeros((1, m["kv_heads"], cap, m["head_dim"]), np.float32) for _ in m["past_names"]]
@@ -61,7 +60,7 @@ def python_decode(pipe, prompt_len: int, steps: int) -> dict:
     step = np.empty((1, 1, H), np.float32)
     t = time.perf_counter()
     for i in range(steps):
-        step[0, 0] = table[int(torch.from_numpy(out[0, -1]).argmax())]
+        step[0, 0] = table[int(out[0, -1].argmax())]
         out = run(step, prompt_len + i + 1)
     return {"seconds": time.perf_counter() - t}
 
