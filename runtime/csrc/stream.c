@@ -38,6 +38,7 @@ struct llamavid_stream {
     float *ring_feats, *ring_tokens;   /* [K, N+1, Cv], [K, n+1, H] */
     int32_t *ring_sub, *ring_sub_n;    /* [K, max_subtitle], [K] */
     int64_t pushed, encoded, evicted;
+    int32_t in_ring;                   /* the last frames held in the rings (<= K; 0 after a failed restore) */
     int open;                          /* a question is open */
     int32_t warm_end, base, n_focus;   /* during a question: the warm tier's end, where the question's part starts */
 };
@@ -112,6 +113,7 @@ static llamavid_error *encode_pending(llamavid_stream *st) {
         }
         st->held[st->n_held++] = (held_frame){start, st->pending_t[f]};
         st->encoded++;
+        if (st->in_ring < st->p.focus_frames) st->in_ring++;
     }
     return NULL;
 }
@@ -191,8 +193,7 @@ llamavid_error *llamavid_stream_begin(llamavid_stream *st, const llamavid_questi
                                   "focus frames, its Q-Former ids and mask [1,L>=1]");
     llamavid_error *e = encode_pending(st);
     if (e) return e;
-    int32_t n = st->p.focus_frames < st->n_held ? st->p.focus_frames : st->n_held;
-    if (n > st->encoded) n = (int32_t)st->encoded;
+    int32_t n = st->in_ring < st->n_held ? st->in_ring : st->n_held;
     st->warm_end = llamavid_session_position(st->s);
     st->n_focus = n;
     st->base = st->p.focus_replace && n ? st->held[st->n_held - n].start : st->warm_end;
@@ -219,11 +220,13 @@ llamavid_error *llamavid_stream_end(llamavid_stream *st) {
         if (!e) e = session_flush(st->s);
     }
     st->open = 0;
-    if (!e && llamavid_session_position(st->s) != st->warm_end)
-        e = llamavid_error_new(LLAMAVID_ERR_STATE, "stream: the warm tier ends at %d after the question, expected %d",
-                               llamavid_session_position(st->s), st->warm_end);
-    if (!e && st->n_pending == st->chunk) e = encode_pending(st);
-    return e;
+    if (e) {   /* the focus frames' warm copies could not be put back: the cache ends before them, they are dropped */
+        llamavid_error_free(llamavid_session_rollback(st->s, st->base));
+        if (st->base < st->warm_end) st->n_held -= st->n_focus;
+        st->in_ring = 0;
+        return e;
+    }
+    return st->n_pending == st->chunk ? encode_pending(st) : NULL;
 }
 
 llamavid_error *llamavid_stream_ask(llamavid_stream *st, const llamavid_question *q, llamavid_sampler *smp,

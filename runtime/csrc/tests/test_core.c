@@ -726,6 +726,24 @@ static void test_stream(void) {
     OK(llamavid_stream_begin(st, &q));
     for (int k = 0; k < 2; k++) OK(llamavid_session_next(s, smp, &again[k]));
     OK(llamavid_stream_end(st));
+    /* putting the warm copies back fails: the two focus frames are dropped, the stream goes on without focus
+     * until new frames arrive */
+    OK(llamavid_stream_get_info(st, &info));
+    int held = info.frames_held, pos = info.position;
+    toy.llm_calls = 0;
+    toy.fail_llm_at = 2;
+    OK(llamavid_stream_begin(st, &q));
+    FAILS(llamavid_stream_end(st), LLAMAVID_ERR_BACKEND, "toy: device lost");
+    toy.fail_llm_at = 0;
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.frames_held == held - 2 && info.position == pos - 4, "after a failed restore: %d frames, %d positions",
+          info.frames_held, info.position);
+    OK(llamavid_stream_ask(st, &q, smp, 2, NULL, NULL, &n));
+    OK(llamavid_stream_get_info(st, &info));
+    CHECK(info.position == pos - 4, "a question without focus frames leaves the cache as it was (%d)", info.position);
+    for (int f = 60; f < 66; f++) OK(llamavid_stream_push(st, pixels[f % 10], f, NULL, 0));
+    OK(llamavid_stream_flush(st));
+    OK(llamavid_stream_ask(st, &q, smp, 2, NULL, NULL, &n));         /* new frames: the focus tier again */
     llamavid_sampler_free(smp);
     llamavid_stream_free(st);
     llamavid_model_free(m);
