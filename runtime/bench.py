@@ -712,6 +712,21 @@ def _report_llm(llm: dict) -> list[str]:
     return lines
 
 
+def released_shapes_artifacts(work: Path, layers: int = 2) -> Path:
+    """Artifacts whose LLM has the released 7B's widths (hidden 4096, 32 heads of 128, FFN 11008, vocab 32000)
+    and `layers` layers, random weights, with the tiny vision and head (decode never runs them)."""
+    import dataclasses
+
+    import llamavid_ref
+    from export.build import build
+    from llamavid_ref.config import from_name
+    from llamavid_ref.tiny import tiny_model
+    cfg = from_name("tiny")
+    cfg.llm = dataclasses.replace(from_name("llama-vid-7b-full-224-video-fps-1").llm, layers=layers, max_positions=1024)
+    ckpt = llamavid_ref.save(tiny_model(work / "src", cfg=cfg), work / "ckpt")
+    return build(ckpt, "fp32", work / "art", "ort", log=lambda *_: None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", help="directory written by python -m export.build")
@@ -750,7 +765,7 @@ def main(argv=None) -> int:
                          ingests=INGESTS if a.split == "val" else None)
         print(report(r))
     elif a.core or (a.released_shapes and a.part == "core"):
-        from runtime.bench_core import bench_core, released_shapes_artifacts, report_core
+        from runtime.bench_core import bench_core, report_core
         from runtime.pipeline import Pipeline
         with tempfile.TemporaryDirectory() as tmp:
             art = a.artifacts if a.core else released_shapes_artifacts(Path(tmp))

@@ -120,18 +120,3 @@ def report_core(r: dict) -> str:
         f"core time outside stage calls (the core's clock): {100 * r['core_outside_stages']:.2f}%",
         f"core time outside ONNX Runtime (vs ort alone): {100 * r['core_outside_ort']:.2f}% "
         f"({r['us_per_token_outside_ort']:.1f} us per token)"])
-
-
-def released_shapes_artifacts(work: Path, layers: int = 2) -> Path:
-    """Artifacts whose LLM has the released 7B's widths (hidden 4096, 32 heads of 128, FFN 11008, vocab 32000)
-    and `layers` layers, random weights, with the tiny vision and head (decode never runs them)."""
-    import dataclasses
-
-    import llamavid_ref
-    from export.build import build
-    from llamavid_ref.config import from_name
-    from llamavid_ref.tiny import tiny_model
-    cfg = from_name("tiny")
-    cfg.llm = dataclasses.replace(from_name("llama-vid-7b-full-224-video-fps-1").llm, layers=layers, max_positions=1024)
-    ckpt = llamavid_ref.save(tiny_model(work / "src", cfg=cfg), work / "ckpt")
-    return build(ckpt, "fp32", work / "art", "ort", log=lambda *_: None)
