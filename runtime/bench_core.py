@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def python_decode(pipe, prompt_len: int, steps: int) -> dict:
 def ort_decode(pipe, prompt_len: int, steps: int) -> dict:
     """ONNX Runtime alone: one binding, the mask rebound per token, the same step input every time."""
     m, session = pipe.manifest["llm"], pipe.stages["llm"].session
-    cap, H, V = prompt_len + steps + 2, pipe.info["hidden"], pipe.info["vocab_size"]
+    cap, V = prompt_len + steps + 2, pipe.info["vocab_size"]
     kv = [np.zeros((1, m["kv_heads"], cap, m["head_dim"]), np.float32) for _ in m["past_names"]]
     mask, logits = np.ones((1, cap), np.int64), np.empty((1, 1, V), np.float32)
     step = _prompt_rows(pipe, 1)[None]

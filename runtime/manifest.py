@@ -341,7 +341,7 @@ def runtime_files(m: dict) -> list[tuple[str, str]]:
 
 def relations(m: dict) -> list[str]:
     """What ties the manifest's values together (run once SCHEMA holds); one line per broken relation."""
-    p, ids, llm, tok = m["prompt"], m["special_ids"], m["llm"], m["tokenizers"]
+    p, ids, llm = m["prompt"], m["special_ids"], m["llm"]
     problems = [f"{where}: expected {path}, which the runtime reads, listed in 'files' with its hash, found no entry"
                 for where, path in runtime_files(m) if path not in m["files"]]
     problems += [f"files: {problem}" for name in m["files"] if (problem := relative_path_problem(name))]

@@ -4,7 +4,6 @@ the runtime without torch; errors from a stage that fails in the middle of an an
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Issue 18: bad artifacts, bad checkpoints, interrupted and concurrent builds, odd inputs. One test (or
 parametrised group) per row of the issue's table, named test_rowNN_*, then the targets: pinned manifest
 hashes, symbolic links, and a build killed at 20 random moments."""
-import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -105,7 +104,7 @@ def test_row02_absolute_and_dotdot_stage_files_are_refused_when_read_and_written
     out = copy_art(built, tmp_path)
     m = edit_manifest(out, lambda m: (m["stages"]["vision"]["variants"][0].__setitem__("file", path),
                                       m["files"].__setitem__(path, "0" * 64)))
-    message = rf"stages.vision.variants\[0\].file: expected a relative path inside the artifact directory"
+    message = r"stages.vision.variants\[0\].file: expected a relative path inside the artifact directory"
     with pytest.raises(ManifestError, match=message):
         read_manifest(out)
     with pytest.raises(ManifestError, match=message):
