@@ -761,8 +761,10 @@ def main(argv=None) -> int:
     if a.stream:
         from runtime.bench_stream import INGESTS, bench_stream, report
         from runtime.pipeline import Pipeline
+        from llamavid_ref.evaluate import normalise
+        from llamavid_ref.video import write_video
         r = bench_stream(Pipeline.open(a.artifacts, threads=a.threads or 1), a.data, a.split, a.limit,
-                         ingests=INGESTS if a.split == "val" else None)
+                         ingests=INGESTS if a.split == "val" else None, normalise=normalise, write_video=write_video)
         print(report(r))
     elif a.core or (a.released_shapes and a.part == "core"):
         from runtime.bench_core import bench_core, report_core

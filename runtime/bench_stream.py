@@ -34,9 +34,10 @@ def _entries(data: Path, split: str, limit: int | None):
              e["conversations"][1]["value"], Path(data) / e["video"]) for e in entries]
 
 
-def accuracy(pipe, data: Path, split: str = "val", limit: int | None = None, configs=None, ingests=None) -> dict:
-    """{config: {"overall", "per_type", "same_as_one_shot"}}; configs: name -> Pipeline.stream options."""
-    from llamavid_ref.evaluate import normalise
+def accuracy(pipe, data: Path, normalise, split: str = "val", limit: int | None = None, configs=None,
+             ingests=None) -> dict:
+    """{config: {"overall", "per_type", "same_as_one_shot"}}; configs: name -> Pipeline.stream options;
+    normalise(answer) -> the form answers are compared in (the evaluation's, llamavid_ref.evaluate.normalise)."""
     p = pipe.manifest["preprocess"]
     configs = dict(configs or FOCUS_CONFIGS)
     for ingest in ingests or []:
@@ -100,10 +101,10 @@ def ttft(pipe, counts=(60, 3600), rounds: int = 7, question: str = "How many sha
             "position": {n: i["position"] for n, i in info.items()}}
 
 
-def ingest_rate(pipe, frames: int = 2000, size: int | None = None) -> dict:
-    """frames/s of decode + resize + vision + head + append from an H.264 file (one thread: the pipeline opened
-    with threads=1), every frame kept; and the core's split of the time."""
-    from llamavid_ref.video import write_video
+def ingest_rate(pipe, write_video, frames: int = 2000, size: int | None = None) -> dict:
+    """frames/s of decode + resize + vision + head + append from a video file (one thread: the pipeline opened
+    with threads=1), every frame kept; and the core's split of the time. write_video(path, uint8 [T,H,W,3], fps)
+    makes the clip (llamavid_ref.video.write_video: H.264)."""
     S = size or pipe.manifest["preprocess"]["image_size"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,14 +189,16 @@ def report(r: dict) -> str:
 
 
 def bench_stream(pipe, data=None, split: str = "val", limit=None, parts=("ttft", "ingest", "soak", "memory"),
-                 ingests=None) -> dict:
+                 ingests=None, normalise=None, write_video=None) -> dict:
+    """normalise, write_video: the evaluation's answer normaliser and a video writer (runtime.bench passes
+    llamavid_ref's; runtime/ itself imports neither)."""
     r = {"split": split}
     if data:
-        r["accuracy"] = accuracy(pipe, Path(data), split, limit, ingests=ingests)
+        r["accuracy"] = accuracy(pipe, Path(data), normalise, split, limit, ingests=ingests)
     if "ttft" in parts:
         r["ttft"] = ttft(pipe)
     if "ingest" in parts:
-        r["ingest"] = ingest_rate(pipe)
+        r["ingest"] = ingest_rate(pipe, write_video)
     if "soak" in parts:
         r["soak"] = soak(pipe)
     if "memory" in parts:
